@@ -1,0 +1,157 @@
+"""Pre-RoPE query statistics: running sums in memory, a validated safetensors file on disk.
+
+Per (layer, query head, band f) TriAttention needs the complex mean q̄_f and the mean magnitude E|q_f|
+(TRIATTENTION.md §1.2). :class:`QueryStats` keeps them as running sums so that online calibration (the capture op
+adds every live query) and offline statistics (loaded as ``mean * tokens``) share one representation.
+
+File format: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``) and string metadata
+(``format``, layer/head counts, head_dim, rotary_dim, pairing, rope fingerprint, attention scaling, tokens).
+Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "triattn-stats/1"
+
+
+class StatsError(ValueError):
+    """A statistics file that cannot be used with this model (message is one line and says what to do)."""
+
+
+@dataclass(frozen=True)
+class RotarySignature:
+    """What a stats file must agree on with the model it is used for."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    pairing: str
+    rope_fingerprint: str
+    attention_scaling: float
+
+    @property
+    def num_bands(self) -> int:
+        return self.rotary_dim // 2
+
+
+def rope_fingerprint(omegas: torch.Tensor) -> str:
+    """Short hash of the RoPE angular frequencies ``[L, F]`` (rounded so float noise does not matter)."""
+    rounded = torch.round(omegas.double() * 1e9).to(torch.int64).cpu().numpy().tobytes()
+    return hashlib.sha256(rounded).hexdigest()[:16]
+
+
+class QueryStats:
+    """Running sums of pre-RoPE query bands: ``sum q_f``, ``sum |q_f|`` and the token count, per layer.
+
+    Args:
+        signature: the model's rotary signature (shapes come from it).
+    """
+
+    def __init__(self, signature: RotarySignature, device: torch.device | str = "cpu"):
+        L, H, F = signature.num_layers, signature.num_heads, signature.num_bands
+        self.signature = signature
+        self.sum_re = torch.zeros(L, H, F, dtype=torch.float64, device=device)
+        self.sum_im = torch.zeros(L, H, F, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros(L, H, F, dtype=torch.float64, device=device)
+        self.count = torch.zeros(L, dtype=torch.float64, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The four state tensors, in the order the custom ops take them."""
+        return [self.sum_re, self.sum_im, self.sum_abs, self.count]
+
+    def tokens(self) -> int:
+        """Queries seen per head (the minimum over layers)."""
+        return int(self.count.min()) if self.count.numel() else 0
+
+    def q_mean(self) -> torch.Tensor:
+        """Complex query centre q̄ ``[L, H, F]`` complex128."""
+        n = self.count.clamp_min(1)[:, None, None]
+        return torch.complex(self.sum_re / n, self.sum_im / n)
+
+    def q_abs(self) -> torch.Tensor:
+        """Mean band magnitude E|q_f| ``[L, H, F]`` float64."""
+        return self.sum_abs / self.count.clamp_min(1)[:, None, None]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the means and metadata to ``path`` atomically (temporary file, then rename)."""
+        if self.tokens() == 0:
+            raise StatsError("no queries captured yet: run calibration on some text before saving")
+        path = Path(path)
+        q_mean = self.q_mean()
+        tensors = {
+            "q_mean_real": q_mean.real.float().contiguous().cpu(),
+            "q_mean_imag": q_mean.imag.float().contiguous().cpu(),
+            "q_abs_mean": self.q_abs().float().contiguous().cpu(),
+        }
+        meta = {k: str(v) for k, v in asdict(self.signature).items()}
+        meta.update(format=FORMAT, tokens=str(self.tokens()))
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected: RotarySignature, device: torch.device | str = "cpu"):
+        """Read a stats file and check it against ``expected`` (the model's signature); raises :class:`StatsError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise StatsError(f"stats file {path} does not exist: run `triattn calibrate` to create it")
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as fh:  # the metadata lives in the JSON header
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                meta = json.loads(fh.read(header_len)).get("__metadata__", {})
+        except (SafetensorError, OSError, ValueError, struct.error) as exc:
+            raise StatsError(
+                f"stats file {path} is truncated or not a safetensors file ({exc}); recreate it with `triattn calibrate`"
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise StatsError(f"{path} is not a triattn stats file (format {meta.get('format')!r}, want {FORMAT!r})")
+        for field, want in asdict(expected).items():
+            got = meta.get(field)
+            same = got is not None and (
+                abs(float(got) - want) <= 1e-6 * max(1.0, abs(want)) if isinstance(want, float) else got == str(want)
+            )
+            if not same:
+                raise StatsError(
+                    f"stats file {path} was made for another model ({field}: file has {got}, model has {want}); "
+                    "calibrate this model with `triattn calibrate`"
+                )
+        shape = (expected.num_layers, expected.num_heads, expected.num_bands)
+        names = ("q_mean_real", "q_mean_imag", "q_abs_mean")
+        for name in names:
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or not torch.isfinite(t).all():
+                desc = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise StatsError(
+                    f"stats file {path}: tensor {name} is {desc}, expected finite float32 {shape}; "
+                    "recreate it with `triattn calibrate`"
+                )
+        stats = cls(expected, device)
+        n = float(meta.get("tokens", "0"))
+        if n <= 0:
+            raise StatsError(f"stats file {path} records no calibration tokens; recreate it with `triattn calibrate`")
+        stats.sum_re.copy_(tensors["q_mean_real"].double() * n)
+        stats.sum_im.copy_(tensors["q_mean_imag"].double() * n)
+        stats.sum_abs.copy_(tensors["q_abs_mean"].double() * n)
+        stats.count.fill_(n)
+        return stats

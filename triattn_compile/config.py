@@ -1,0 +1,48 @@
+"""User-facing configuration of TriAttention compression."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TriAttentionConfig:
+    """Settings of :func:`triattn_compile.optimize` (defaults follow the paper's HF runs, TRIATTENTION.md §1.7).
+
+    Args:
+        budget: tokens kept per KV head after each compaction (B). The cache holds at most ``budget + divide_length``.
+        divide_length: decode steps between compactions (128).
+        protect_prompt: keep the whole prompt and count it in the budget (paper default). When False the prompt
+            competes with generated tokens.
+        per_layer: one keep set per (layer, KV head) instead of one per KV head shared by all layers.
+        stats: path of a calibration file (``triattn calibrate``); ``None`` calibrates online from live queries.
+        max_offset: largest future offset (offsets are 1, 2, 4, ..., max_offset).
+        noise: tie-break noise added to z-scores; seed: its seed.
+        compiler: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph without Inductor; for tests).
+    """
+
+    budget: int = 2048
+    divide_length: int = 128
+    protect_prompt: bool = True
+    per_layer: bool = False
+    stats: str | Path | None = None
+    max_offset: int = 65536
+    noise: float = 1e-6
+    seed: int = 0
+    compiler: str = "inductor"
+
+    def __post_init__(self):
+        for name in ("budget", "divide_length", "max_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.budget < self.divide_length:
+            raise ValueError(
+                f"budget ({self.budget}) must be at least divide_length ({self.divide_length}): "
+                f"use budget >= {self.divide_length}"
+            )
+        if self.compiler not in ("inductor", "eager"):
+            raise ValueError(f"compiler must be 'inductor' or 'eager', got {self.compiler!r}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")

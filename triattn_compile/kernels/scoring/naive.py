@@ -1,0 +1,214 @@
+"""Reference TriAttention scoring: the paper's equations in plain PyTorch.
+
+This module is the test oracle and the CPU path. Two forms of the same score:
+
+* :func:`naive_score_prerope` — the paper's form (TRIATTENTION.md §1.3–1.5): invert RoPE with each key's absolute
+  position, then evaluate S_trig at all 17 offsets and average, plus S_norm.
+* :func:`score_postrope` — the §1.8 form on rotated keys, no key positions. Because the score is linear in
+  ``cos/sin(ω_f t)``, the mean over offsets folds into one complex weight per band and round,
+  ``W_f = mean_δ exp(i ω_f (t0 + δ))``, so the trig term is a dot product of each key with a per-round vector.
+
+Shapes: B batch, H query heads, Hkv KV heads (G = H / Hkv), N keys, D head_dim, F rotary bands, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAIRINGS = ("half", "interleaved")
+
+
+def geometric_offsets(max_offset: int = 65536) -> torch.Tensor:
+    """Future offsets ``{1, 2, 4, ..., max_offset}`` (17 values for the paper's 65536). Returns ``[O]`` float64."""
+    if max_offset < 1:
+        raise ValueError(f"max_offset must be >= 1, got {max_offset}")
+    return torch.tensor([float(2**i) for i in range(max_offset.bit_length()) if 2**i <= max_offset], dtype=torch.float64)
+
+
+def to_complex_pairs(x: torch.Tensor, pairing: str, rotary_dim: int | None = None) -> torch.Tensor:
+    """View the rotary part of ``x[..., D]`` as complex bands ``[..., F]`` (F = rotary_dim / 2).
+
+    ``half``: band f = x[f] + i x[f + F] (rotate-half, Llama). ``interleaved``: band f = x[2f] + i x[2f + 1] (GPT-J).
+    """
+    r = x.shape[-1] if rotary_dim is None else rotary_dim
+    x = x[..., :r].float() if x.dtype not in (torch.float32, torch.float64) else x[..., :r]
+    if pairing == "half":
+        return torch.complex(x[..., : r // 2], x[..., r // 2 :])
+    if pairing == "interleaved":
+        return torch.complex(x[..., 0::2], x[..., 1::2])
+    raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
+
+
+def from_complex_pairs(z: torch.Tensor, pairing: str) -> torch.Tensor:
+    """Inverse of :func:`to_complex_pairs` for the rotary part: ``[..., F]`` complex -> ``[..., 2F]`` real."""
+    if pairing == "half":
+        return torch.cat([z.real, z.imag], dim=-1)
+    if pairing == "interleaved":
+        return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
+    raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, omega: torch.Tensor, pairing: str, scale: float = 1.0):
+    """Rotate ``x[..., N, D]`` to absolute ``positions[..., N]`` (complex form; ``scale`` = attention scaling)."""
+    angle = positions.to(torch.float64)[..., None] * omega.to(torch.float64)
+    rot = torch.polar(torch.full_like(angle, scale), angle)
+    z = to_complex_pairs(x.to(torch.float64), pairing) * rot
+    return from_complex_pairs(z, pairing).to(x.dtype)
+
+
+def invert_rope(x: torch.Tensor, positions: torch.Tensor, omega: torch.Tensor, pairing: str, scale: float = 1.0):
+    """Undo :func:`apply_rope` (divides by ``scale``, rotates back by ``ω p``)."""
+    angle = positions.to(torch.float64)[..., None] * omega.to(torch.float64)
+    rot = torch.polar(torch.full_like(angle, 1.0 / scale), -angle)
+    z = to_complex_pairs(x.to(torch.float64), pairing) * rot
+    return from_complex_pairs(z, pairing).to(x.dtype)
+
+
+def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, Hkv, ...]`` -> ``[B, H, ...]`` (query head h reads KV head h // G)."""
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+
+
+def naive_score_prerope(
+    keys_pre: torch.Tensor,
+    key_positions: torch.Tensor,
+    round_start: int,
+    q_mean: torch.Tensor,
+    q_abs: torch.Tensor,
+    omega: torch.Tensor,
+    pairing: str,
+    offsets: torch.Tensor,
+    scale: float = 1.0,
+    use_trig: bool = True,
+    use_norm: bool = True,
+    mlr: bool = True,
+) -> torch.Tensor:
+    """Paper form of S̃ = mean_δ [S_trig(k, Δ0 + δ)] + S_norm(k), evaluated offset by offset.
+
+    Args:
+        keys_pre: pre-RoPE keys (RoPE inverted, already divided by the attention scaling) ``[B, Hkv, N, D]``.
+        key_positions: absolute position of each key ``[B, Hkv, N]``.
+        round_start: absolute position of the next token (Δ0 = round_start - p).
+        q_mean: complex query centre q̄ ``[H, F]``. q_abs: E|q_f| ``[H, F]``. omega: ``[F]``.
+        offsets: ``[O]`` future offsets. scale: attention scaling s (each band is weighted by s²).
+        use_trig / use_norm / mlr: ablations (no S_trig, no S_norm, S_norm without the (1 - R) weight).
+    Returns:
+        ``[B, H, N]`` float64 scores per query head.
+    """
+    H = q_mean.shape[0]
+    k = _expand_kv(to_complex_pairs(keys_pre.to(torch.float64), pairing), H)  # [B, H, N, F]
+    qm = q_mean.to(torch.complex128)[None, :, None, :]
+    s2 = float(scale) ** 2
+    score = torch.zeros(k.shape[:-1], dtype=torch.float64, device=k.device)
+    if use_trig:
+        amp = qm.abs() * k.abs()
+        phi = qm.angle() - k.angle()
+        delta0 = (round_start - _expand_kv(key_positions, H).to(torch.float64))[..., None]  # [B, H, N, 1]
+        trig = torch.zeros_like(score)
+        for d in offsets.tolist():  # one offset at a time, exactly as Eq. 11 reads
+            phase = (delta0 + d) * omega.to(torch.float64) + phi
+            trig += (s2 * amp * torch.cos(phase)).sum(-1)
+        score += trig / len(offsets)
+    if use_norm:
+        weight = q_abs.to(torch.float64) - (qm.abs()[0, :, 0] if mlr else 0.0)  # [H, F]
+        score += (s2 * weight[None, :, None, :] * k.abs()).sum(-1)
+    return score
+
+
+def offset_weights(round_start: torch.Tensor | int, omega: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """W_f = mean_δ exp(i ω_f (round_start + δ)), complex128 ``[F]`` (computed in float64: ω t reaches 1e5 rad)."""
+    t = torch.as_tensor(round_start, dtype=torch.float64).reshape(()) + offsets.to(torch.float64)  # [O]
+    angle = t[:, None] * omega.to(torch.float64)[None, :]  # [O, F]
+    return torch.polar(torch.ones_like(angle), angle).mean(0)
+
+
+def score_postrope(
+    keys_rot: torch.Tensor,
+    round_start: torch.Tensor | int,
+    q_mean: torch.Tensor,
+    q_abs: torch.Tensor,
+    omega: torch.Tensor,
+    pairing: str,
+    offsets: torch.Tensor,
+    scale: float = 1.0,
+    use_trig: bool = True,
+    use_norm: bool = True,
+    mlr: bool = True,
+) -> torch.Tensor:
+    """Same score as :func:`naive_score_prerope`, from rotated keys and without key positions (§1.8).
+
+    ``Re(q̄ conj(k_rot) e^{iωt})`` averaged over t = round_start + δ equals ``Re(conj(k_rot) · q̄ W)``; rotated keys
+    carry the factor s once, so multiplying by s reproduces the paper's s² weighting.
+
+    Args:
+        keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (any float dtype).
+    Returns:
+        ``[B, H, N]`` float32 scores.
+    """
+    H = q_mean.shape[0]
+    k = to_complex_pairs(keys_rot, pairing)  # [B, Hkv, N, F] complex64
+    B, Hkv, N, F = k.shape
+    k = k.view(B, Hkv, 1, N, F)
+    qm = q_mean.to(torch.complex64).view(Hkv, H // Hkv, F)
+    score = torch.zeros(B, Hkv, H // Hkv, N, dtype=torch.float32, device=keys_rot.device)
+    if use_trig:
+        u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(k.device)  # [Hkv, G, F]
+        # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
+        score += torch.einsum("bhnf,hgf->bhgn", k.real[:, :, 0], u.real) + torch.einsum(
+            "bhnf,hgf->bhgn", k.imag[:, :, 0], u.imag
+        )
+    if use_norm:
+        weight = (q_abs.float() - (qm.abs().view(H, F) if mlr else 0.0)).view(Hkv, H // Hkv, F)
+        score += torch.einsum("bhnf,hgf->bhgn", k.abs()[:, :, 0], weight)
+    return (score * float(scale)).reshape(B, H, N)
+
+
+def zscore(scores: torch.Tensor, candidates: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Per-row z-score over the last dim (population std, clamped at ``eps``), statistics over ``candidates`` only."""
+    if candidates is None:
+        candidates = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    mask = candidates.to(scores.dtype)
+    n = mask.sum().clamp_min(1)
+    mean = (scores * mask).sum(-1, keepdim=True) / n
+    var = (((scores - mean) * mask) ** 2).sum(-1, keepdim=True) / n
+    return (scores - mean) / var.sqrt().clamp_min(eps)
+
+
+def aggregate_scores(
+    scores: torch.Tensor,
+    num_kv_heads: int,
+    candidates: torch.Tensor | None = None,
+    per_layer: bool = False,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """z-score per (layer, query head), max over each GQA group, mean over layers (§1.6).
+
+    Args:
+        scores: ``[L, B, H, N]``. candidates: ``[N]`` bool, the keys that compete (statistics over these only).
+        per_layer: keep one set per (layer, KV head) instead of sharing it across layers.
+        noise: optional tie-break noise broadcastable to ``[L, B, H, N]`` added after the z-score.
+    Returns:
+        ``[B, Hkv, N]`` (``[L, B, Hkv, N]`` when ``per_layer``).
+    """
+    L, B, H, N = scores.shape
+    z = zscore(scores, candidates)
+    if noise is not None:
+        z = z + noise
+    z = z.view(L, B, num_kv_heads, H // num_kv_heads, N).amax(3)
+    return z if per_layer else z.mean(0)
+
+
+def select_keep(aggregated: torch.Tensor, num_protected: int, keep: int) -> torch.Tensor:
+    """Slots to keep: the protected prefix ``[0, num_protected)`` plus the top ``keep - num_protected`` of the rest.
+
+    Args:
+        aggregated: ``[..., N]`` aggregated scores.
+    Returns:
+        ``[..., keep]`` int64 slot indices in increasing order (so kept tokens stay in temporal order).
+    """
+    n_top = keep - num_protected
+    if n_top < 0:
+        raise ValueError(f"cannot keep {keep} slots with {num_protected} protected prompt tokens")
+    top = aggregated[..., num_protected:].topk(n_top, dim=-1).indices + num_protected
+    prefix = torch.arange(num_protected, device=aggregated.device).expand(*aggregated.shape[:-1], num_protected)
+    return torch.cat([prefix, top.sort(-1).values], dim=-1)
