@@ -198,7 +198,14 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
         pos = cache.tokens_seen() + torch.arange(length, device=ref.device)
         kwargs["position_ids"] = pos[None].expand(batch, length)
     kwargs["use_cache"] = True
-    kwargs.pop("attention_mask", None) if batch == 1 else None
+    mask = kwargs.pop("attention_mask", None)
+    if batch != 1:
+        raise ValueError(f"batch size {batch} is not supported yet: generate one sequence at a time")
+    if fresh and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError(
+            "attention_mask hides some prompt tokens (padding, or a prompt that contains the pad token id); "
+            "masked tokens are not supported yet: pass attention_mask=torch.ones_like(input_ids)"
+        )
     state.cache = cache
     if args:
         kwargs["input_ids"], args = args[0], args[1:]

@@ -61,11 +61,9 @@ class TriAttentionBackend:
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(gm, [*example_inputs, *extra_values()])
-        boxed = getattr(compiled, "_boxed_call", False)
         log.debug("triattn %s graph: %d sites rewritten", self.mode, len(sites))
 
         def run(*args):
-            full = [*args, *extra_values()]
-            return compiled(full) if boxed else compiled(*full)
+            return compiled(*args, *extra_values())
 
         return run

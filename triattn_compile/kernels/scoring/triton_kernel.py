@@ -10,14 +10,13 @@ Layers, bottom up (STYLE.md §4):
   user-defined Triton kernel) and otherwise runs the same formula in plain torch (Inductor fuses it on CPU).
 * :func:`score_keys` — public entry point with :func:`naive.score_postrope`'s signature: folds the offsets into the
   per-round vector ``u = q̄ W`` and the norm weight ``w = E|q| - |q̄|``, then calls the op.
-* :func:`score_keys_triton_eager` — same, but launches the raw kernel (interpreted on CPU tensors), for tests.
+* :func:`score_keys_triton_eager` — same, but launches the raw kernel with no op and no compile, for tests (CPU
+  tensors work under ``TRITON_INTERPRET=1``).
 
 Entry point: :func:`score_keys`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -45,8 +44,10 @@ def _score_keys_fwd_kernel(
     stride_kh,
     stride_kn,
     stride_kd,
-    stride_uh,
-    stride_uf,
+    stride_urh,
+    stride_urf,
+    stride_uih,
+    stride_uif,
     stride_wh,
     stride_wf,
     stride_ob,
@@ -86,20 +87,18 @@ def _score_keys_fwd_kernel(
     out_base = out_ptr + b * stride_ob + offs_n.to(tl.int64) * stride_on
     for g in range(G):
         h = hk * G + g
-        u_re = tl.load(u_re_ptr + h * stride_uh + offs_f * stride_uf, mask=mask_f, other=0.0)
-        u_im = tl.load(u_im_ptr + h * stride_uh + offs_f * stride_uf, mask=mask_f, other=0.0)
+        u_re = tl.load(u_re_ptr + h * stride_urh + offs_f * stride_urf, mask=mask_f, other=0.0)
+        u_im = tl.load(u_im_ptr + h * stride_uih + offs_f * stride_uif, mask=mask_f, other=0.0)
         w = tl.load(w_ptr + h * stride_wh + offs_f * stride_wf, mask=mask_f, other=0.0)
         s = tl.sum(k_re * u_re[None, :] + k_im * u_im[None, :] + k_abs * w[None, :], axis=1)
         tl.store(out_base + h * stride_oh, s * scale, mask=mask_n)
 
 
-@functools.cache
-def _interpreted_kernel():
-    """The kernel under Triton's CPU interpreter, whatever ``TRITON_INTERPRET`` was when this module was imported."""
+def _is_interpreted() -> bool:
+    """Whether ``@triton.jit`` produced an interpreter function (``TRITON_INTERPRET=1`` at import time)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernel = _score_keys_fwd_kernel
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+    return isinstance(_score_keys_fwd_kernel, InterpretedFunction)
 
 
 def _block_n(head_dim: int) -> int:
@@ -119,14 +118,13 @@ def score_keys_fwd(
     w: torch.Tensor,
     scale: float,
     pairing: str,
-    interpret: bool = False,
 ) -> torch.Tensor:
     """Launch :func:`_score_keys_fwd_kernel`.
 
     Args:
         keys: post-RoPE keys ``[B, Hkv, N, D]`` (fp32/bf16/fp16, any strides).
         u_re / u_im / w: fp32 ``[H, F]`` (F = D / 2, H = Hkv * G). scale: multiplies the score.
-        pairing: ``"half"`` or ``"interleaved"``. interpret: run under Triton's interpreter (CPU tensors).
+        pairing: ``"half"`` or ``"interleaved"``.
     Returns:
         ``[B, H, N]`` float32 scores.
     """
@@ -140,12 +138,12 @@ def score_keys_fwd(
         return out
     block_n = _block_n(D)
     grid = (triton.cdiv(N, block_n), B * Hkv)
-    kernel = _interpreted_kernel() if interpret else _score_keys_fwd_kernel
-    wrap_triton(kernel)[grid](
+    wrap_triton(_score_keys_fwd_kernel)[grid](
         keys, u_re, u_im, w, out,
         float(scale), N, F, H // Hkv, Hkv,
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         u_re.stride(0), u_re.stride(1),
+        u_im.stride(0), u_im.stride(1),
         w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_N=block_n,
@@ -262,15 +260,15 @@ def score_keys_triton_eager(
     use_trig: bool = True,
     use_norm: bool = True,
     mlr: bool = True,
-    interpret: bool | None = None,
 ) -> torch.Tensor:
     """:func:`score_keys` through the raw Triton kernel, no op and no ``torch.compile`` (for tests and debugging).
 
-    ``interpret=None`` runs the kernel under Triton's interpreter when ``keys_rot`` is not on CUDA (no
-    ``TRITON_INTERPRET`` needed); ``True``/``False`` force it.
+    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before ``triton`` is first imported in the
+    process (Triton fixes interpretation when ``@triton.jit`` runs, for its own ``tl.sum`` too).
     """
+    if not keys_rot.is_cuda and not _is_interpreted():
+        raise RuntimeError("score_keys_triton_eager: CPU tensors need TRITON_INTERPRET=1 before triton is imported")
     u_re, u_im, w = _fold_query_stats(
         round_start, q_mean, q_abs, omega, offsets, keys_rot.device, use_trig, use_norm, mlr
     )
-    interpret = not keys_rot.is_cuda if interpret is None else interpret
-    return score_keys_fwd(keys_rot, u_re, u_im, w, scale, pairing, interpret=interpret)
+    return score_keys_fwd(keys_rot, u_re, u_im, w, scale, pairing)
