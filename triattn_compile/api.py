@@ -212,6 +212,47 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
     return compiled(*args, **kwargs)
 
 
+def calibrate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> QueryStats:
+    """Offline statistics: run ``model`` over ``input_ids`` ``[N]`` (any plain text, tokenized) and capture every
+    pre-RoPE query through the graph pass. Chunks of ``chunk_size`` tokens run without a cache.
+
+    Returns:
+        :class:`QueryStats`; ``.save(path)`` writes the file that ``optimize(model, stats=path)`` reads.
+
+    Examples::
+
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        triattn_compile.calibrate(model, ids).save("stats.safetensors")
+    """
+    if _find_state(model) is not None:
+        raise ValueError("calibrate() needs the plain model, not one returned by optimize()")
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    if ids.numel() < 2:
+        raise ValueError("calibration needs at least 2 tokens of text")
+    state = TriAttentionState(model, TriAttentionConfig(compiler="eager"))
+    _discover(state)
+    state.stats = QueryStats(state.signature)
+    fn = torch.compile(state.original_forward, backend=TriAttentionBackend(state, "calibrate"), fullgraph=True)
+    device = next(model.parameters()).device
+    chunks = list(ids.to(device).split(chunk_size))
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="calibrating", unit="chunk")
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                fn(input_ids=chunk[None], use_cache=False)
+    finally:
+        torch._dynamo.reset()
+    return state.stats
+
+
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`optimize`: the model runs its original forward with an ordinary cache again."""
     state = _find_state(model)

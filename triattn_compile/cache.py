@@ -7,8 +7,8 @@ free slots; the graph pass (``passes/rewrite.py``) masks attention to the occupi
 
 State tensors (all on the cache's device, never read on the host inside the compiled step):
 
-* ``ctrl`` int64 ``[4]``: occupied slots, tokens seen (absolute position of the next token), protected prompt
-  slots, compaction rounds done.
+* ``ctrl`` int64 ``[5]``: occupied slots, tokens seen (absolute position of the next token), protected prompt
+  slots, compaction rounds done, peak occupied slots.
 * ``slot_pos`` int64 ``[L, B, Hkv, C]``: absolute position of the token in each slot (``-1`` when empty).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-OCCUPIED, SEEN, PROTECTED, ROUNDS = range(4)
+OCCUPIED, SEEN, PROTECTED, ROUNDS, PEAK = range(5)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -69,7 +69,7 @@ class CompressedCache(Cache):
     def __init__(self, num_layers: int, budget: int, divide_length: int = 128, device: torch.device | str = "cpu"):
         self.budget = budget
         self.capacity = budget + divide_length
-        self.ctrl = torch.zeros(4, dtype=torch.int64, device=device)
+        self.ctrl = torch.zeros(5, dtype=torch.int64, device=device)
         super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl) for _ in range(num_layers)])
         self.slot_pos: torch.Tensor | None = None
 
@@ -89,6 +89,14 @@ class CompressedCache(Cache):
     def occupancy(self) -> list[int]:
         """Occupied slots per layer (identical across layers: every layer keeps the same count)."""
         return [int(self.ctrl[OCCUPIED])] * len(self.layers)
+
+    def peak_occupancy(self) -> int:
+        """Most slots ever occupied at once (measured before each compaction)."""
+        return int(self.ctrl[PEAK])
+
+    def compactions(self) -> int:
+        """Compaction rounds done so far."""
+        return int(self.ctrl[ROUNDS])
 
     def tokens_seen(self) -> int:
         """Absolute position of the next token."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from triattn_compile.cache import OCCUPIED, PROTECTED, ROUNDS, SEEN
+from triattn_compile.cache import OCCUPIED, PEAK, PROTECTED, ROUNDS, SEEN
 from triattn_compile.kernels.scoring.naive import aggregate_scores, geometric_offsets, score_postrope, select_keep
 
 
@@ -86,6 +86,7 @@ def compress(
     if first and protect_prompt:
         ctrl[PROTECTED] = new
     used = int(ctrl[OCCUPIED])
+    ctrl[PEAK] = max(int(ctrl[PEAK]), used)
     if used < budget + divide_length:
         return
     n = 1 if count.numel() == 0 else count.clamp_min(1)[:, None, None]
