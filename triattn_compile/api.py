@@ -116,8 +116,8 @@ def _discover(state: TriAttentionState) -> None:
         raise
     except Exception as exc:  # dynamo wraps backend errors
         cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
+            cause = inner
         if isinstance(cause, PatternNotFound):
             raise cause from None
         raise ValueError(
