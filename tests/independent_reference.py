@@ -58,7 +58,7 @@ def independent_keep_sets(
     offsets = [float(2 ** i) for i in range(17)]  # 1, 2, 4, ..., 65536 (1.5)
 
     per_layer = []  # each [B, Hkv, n]: max over the GQA group of z-scores
-    for l in range(L):
+    for l in range(L):  # noqa: E741
         k = keys_post[l].to(f64)[:, :, P:, :]  # [B, Hkv, n, D]
         # Half pairing (1.1): band f is x[f] + i*x[f+F].  HF RoPE in complex
         # form is k_post_f = s * k_f * e^{i w_f p}; invert it with the key's

@@ -55,7 +55,9 @@ def test_postrope_scores_equal_prerope(pairing, scale, G, ablation):
     keys_pre, positions, q_mean, q_abs, omega = _random_setup(G=G)
     offsets = geometric_offsets()
     round_start = 8100
-    pre = naive_score_prerope(keys_pre, positions, round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation)
+    pre = naive_score_prerope(
+        keys_pre, positions, round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation
+    )
     keys_rot = apply_rope(keys_pre, positions, omega, pairing, scale).float()
     post = score_postrope(keys_rot, round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation)
     err = (post.double() - pre).abs().max() / pre.abs().max()
@@ -77,7 +79,9 @@ def test_keep_sets_equal_between_forms(protected, budget):
     L = 3
     layers = [_random_setup(seed=s) for s in range(L)]
     offsets = geometric_offsets()
-    pre = torch.stack([naive_score_prerope(k, p, 8100, qm, qa, om, "half", offsets, 1.1) for k, p, qm, qa, om in layers])
+    pre = torch.stack(
+        [naive_score_prerope(k, p, 8100, qm, qa, om, "half", offsets, 1.1) for k, p, qm, qa, om in layers]
+    )
     post = torch.stack([
         score_postrope(apply_rope(k, p, om, "half", 1.1).float(), 8100, qm, qa, om, "half", offsets, 1.1)
         for k, p, qm, qa, om in layers

@@ -8,7 +8,6 @@ backend over a :class:`~triattn_compile.cache.CompressedCache`. :func:`restore` 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,11 +45,9 @@ class TriAttentionState:
         scale = freqs[0][1]
         q = sites[0].query
         q_val = q.pre.meta.get("example_value", q.pre.meta.get("val"))
-        k_val = sites[0].attn.args[1].meta.get("example_value") if sites[0].key_buffer is None else (
-            sites[0].key_buffer.meta.get("example_value", sites[0].key_buffer.meta.get("val")))
-        num_kv = int(k_val.shape[1]) if sites[0].key_buffer is not None else int(k_val.shape[1])
-        if sites[0].key_buffer is None and sites[0].attn.kwargs.get("enable_gqa") is not True:
-            num_kv = self.model.config.get_text_config().num_key_value_heads if hasattr(self.model, "config") else num_kv
+        # key before repeat_kv (or the cache buffer): [B, Hkv, S, D]
+        k_val = sites[0].key_source.meta.get("example_value", sites[0].key_source.meta.get("val"))
+        num_kv = int(k_val.shape[1])
         signature = RotarySignature(
             num_layers=len(sites),
             num_heads=int(q_val.shape[sites[0].head_axis]),

@@ -21,7 +21,7 @@ def smollm2_path() -> Path:
 
 
 def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """``(model, tokenizer)`` from ``source``: ``None`` (SmolLM2-135M), a directory, or a ``.gguf`` file. No hub access."""
+    """``(model, tokenizer)`` from ``None`` (SmolLM2-135M), a directory, or a ``.gguf`` file. No hub access."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source is None:

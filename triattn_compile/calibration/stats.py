@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import os
+import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,7 +122,8 @@ class QueryStats:
                 meta = json.loads(fh.read(header_len)).get("__metadata__", {})
         except (SafetensorError, OSError, ValueError, struct.error) as exc:
             raise StatsError(
-                f"stats file {path} is truncated or not a safetensors file ({exc}); recreate it with `triattn calibrate`"
+                f"stats file {path} is truncated or not a safetensors file ({exc}); "
+                "recreate it with `triattn calibrate`"
             ) from None
         if meta.get("format") != FORMAT:
             raise StatsError(f"{path} is not a triattn stats file (format {meta.get('format')!r}, want {FORMAT!r})")

@@ -11,7 +11,6 @@ import copy
 import logging
 from collections.abc import Callable
 
-import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 

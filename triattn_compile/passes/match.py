@@ -34,6 +34,7 @@ class AttentionSite:
     attn: Node
     query: RotaryMatch
     head_axis: int  # axis of the heads in query.pre (head_dim is last)
+    key_source: Node  # the attention's key before repeat_kv: [B, Hkv, S, D]
     key: RotaryMatch | None = None
     key_buffer: Node | None = None
     value_buffer: Node | None = None
@@ -117,9 +118,10 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                 f"{where}: no rotary embedding recognised on the query (node {q_post.name}); "
                 "supported forms: rotate-half, partial rotary"
             )
-        site = AttentionSite(len(sites), module_of(node), node, query, head_axis)
+        key_source = _walk_to_buffer(_arg(node, 1, "key"))
+        site = AttentionSite(len(sites), module_of(node), node, query, head_axis, key_source)
         if need_cache:
-            site.key_buffer = _walk_to_buffer(_arg(node, 1, "key"))
+            site.key_buffer = key_source
             site.value_buffer = _walk_to_buffer(_arg(node, 2, "value"))
             kw, vw = _cache_write(site.key_buffer), _cache_write(site.value_buffer)
             if kw is None or vw is None:

@@ -22,7 +22,8 @@ def geometric_offsets(max_offset: int = 65536) -> torch.Tensor:
     """Future offsets ``{1, 2, 4, ..., max_offset}`` (17 values for the paper's 65536). Returns ``[O]`` float64."""
     if max_offset < 1:
         raise ValueError(f"max_offset must be >= 1, got {max_offset}")
-    return torch.tensor([float(2**i) for i in range(max_offset.bit_length()) if 2**i <= max_offset], dtype=torch.float64)
+    powers = [float(2**i) for i in range(max_offset.bit_length()) if 2**i <= max_offset]
+    return torch.tensor(powers, dtype=torch.float64)
 
 
 def to_complex_pairs(x: torch.Tensor, pairing: str, rotary_dim: int | None = None) -> torch.Tensor:

