@@ -1,0 +1,5 @@
+import sys
+
+from triattn_compile.cli import main
+
+sys.exit(main())
