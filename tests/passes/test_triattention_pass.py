@@ -130,3 +130,20 @@ def test_online_stats_equal_independent_capture(llama):
         torch.testing.assert_close(stats.q_mean()[i], z.mean(0))
         torch.testing.assert_close(stats.q_abs()[i], z.abs().mean(0))
     assert stats.tokens() == 20
+
+
+def test_sampling_and_eos(llama):
+    ids = torch.randint(0, 128, (1, 10))
+    tc.optimize(llama, budget=160, compiler="eager")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=400, do_sample=True,
+                                 temperature=0.8, top_p=0.95)
+    assert sampled.shape[1] == 410 and tc.current_cache(llama).peak_occupancy() == 288
+    greedy = _generate(llama, ids, 40)
+    eos = int(greedy[0, 10 + 20])  # a token the greedy continuation emits: generation must stop there
+    with torch.no_grad():
+        stopped = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                 eos_token_id=eos)
+    first = int((greedy[0, 10:] == eos).nonzero()[0])
+    assert stopped.shape[1] == 10 + first + 1 and int(stopped[0, -1]) == eos

@@ -123,6 +123,24 @@ def offset_weights(round_start: torch.Tensor | int, omega: torch.Tensor, offsets
     return torch.polar(torch.ones_like(angle), angle).mean(0)
 
 
+def fold_query_stats(
+    round_start: torch.Tensor | int,
+    q_mean: torch.Tensor,
+    q_abs: torch.Tensor,
+    omega: torch.Tensor,
+    offsets: torch.Tensor,
+    use_trig: bool = True,
+    use_norm: bool = True,
+    mlr: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-round query vectors of the post-RoPE score: ``u = q̄ W`` (complex64) and ``w = E|q| - |q̄|`` (float32),
+    both ``[H, F]``; zeros for an ablated term."""
+    qm = q_mean.to(torch.complex64)
+    u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(qm.device) if use_trig else qm * 0
+    w = q_abs.float() - (qm.abs() if mlr else 0.0) if use_norm else q_abs.float() * 0
+    return u, w
+
+
 def score_postrope(
     keys_rot: torch.Tensor,
     round_start: torch.Tensor | int,
@@ -149,18 +167,11 @@ def score_postrope(
     H = q_mean.shape[0]
     k = to_complex_pairs(keys_rot, pairing)  # [B, Hkv, N, F] complex64
     B, Hkv, N, F = k.shape
-    k = k.view(B, Hkv, 1, N, F)
-    qm = q_mean.to(torch.complex64).view(Hkv, H // Hkv, F)
-    score = torch.zeros(B, Hkv, H // Hkv, N, dtype=torch.float32, device=keys_rot.device)
-    if use_trig:
-        u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(k.device)  # [Hkv, G, F]
-        # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
-        score += torch.einsum("bhnf,hgf->bhgn", k.real[:, :, 0], u.real) + torch.einsum(
-            "bhnf,hgf->bhgn", k.imag[:, :, 0], u.imag
-        )
-    if use_norm:
-        weight = (q_abs.float() - (qm.abs().view(H, F) if mlr else 0.0)).view(Hkv, H // Hkv, F)
-        score += torch.einsum("bhnf,hgf->bhgn", k.abs()[:, :, 0], weight)
+    u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
+    u, w = u.to(k.device).view(Hkv, H // Hkv, F), w.to(k.device).view(Hkv, H // Hkv, F)
+    # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
+    score = torch.einsum("bhnf,hgf->bhgn", k.real, u.real) + torch.einsum("bhnf,hgf->bhgn", k.imag, u.imag)
+    score = score + torch.einsum("bhnf,hgf->bhgn", k.abs(), w)
     return (score * float(scale)).reshape(B, H, N)
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from triattn_compile.kernels.scoring.naive import PAIRINGS, offset_weights
+from triattn_compile.kernels.scoring.naive import PAIRINGS, fold_query_stats
 
 __all__ = ["score_keys", "score_keys_fwd", "score_keys_triton_eager"]
 
@@ -182,29 +182,11 @@ def _score_keys_op(
     return _score_keys_torch(keys, u_re, u_im, w, scale, pairing)
 
 
-def _fold_query_stats(
-    round_start: torch.Tensor | int,
-    q_mean: torch.Tensor,
-    q_abs: torch.Tensor,
-    omega: torch.Tensor,
-    offsets: torch.Tensor,
-    device: torch.device,
-    use_trig: bool,
-    use_norm: bool,
-    mlr: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``u = q̄ W`` (split into real/imag) and ``w = E|q| - |q̄|``, fp32 ``[H, F]``, as in ``score_postrope``."""
-    qm = q_mean.to(torch.complex64).to(device)  # [H, F]
-    if use_trig:
-        u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(device)
-        u_re, u_im = u.real.contiguous(), u.imag.contiguous()
-    else:
-        u_re = u_im = torch.zeros(qm.shape, dtype=torch.float32, device=device)
-    if use_norm:
-        w = q_abs.float().to(device) - (qm.abs() if mlr else 0.0)
-    else:
-        w = torch.zeros(qm.shape, dtype=torch.float32, device=device)
-    return u_re, u_im, w
+def _fold_query_stats(round_start, q_mean, q_abs, omega, offsets, device, use_trig, use_norm, mlr):
+    """:func:`naive.fold_query_stats` split into contiguous fp32 ``u_re, u_im, w`` ``[H, F]`` on ``device``."""
+    u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
+    u = u.to(device)
+    return u.real.contiguous(), u.imag.contiguous(), w.to(device).contiguous()
 
 
 def score_keys(
