@@ -58,6 +58,11 @@ class TriAttentionState:
             rope_fingerprint=rope_fingerprint(omega),
             attention_scaling=round(scale, 6),
         )
+        if signature.rotary_dim != signature.head_dim:
+            raise PatternNotFound(
+                f"attention site 0 ({sites[0].module}): partial rotary (rotary_dim {signature.rotary_dim} of head_dim "
+                f"{signature.head_dim}) is recognised but not supported yet; use a fully rotary model"
+            )
         if self.signature is None:
             self.signature, self.omega = signature, omega
         elif signature != self.signature:

@@ -131,7 +131,7 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
             site.write_slots = kw.args[2]
-            site.key = match_rotary(kw.args[3])
+            site.key = match_rotary(_walk_layout(kw.args[3], head_axis=1)[0])
             if site.key is None or site.key.pairing != query.pairing or site.key.rotary_dim != query.rotary_dim:
                 raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({kw.args[3].name})")
         sites.append(site)
