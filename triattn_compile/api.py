@@ -18,6 +18,7 @@ from triattn_compile.config import TriAttentionConfig
 from triattn_compile.passes.backend import TriAttentionBackend
 from triattn_compile.passes.frequencies import rotary_frequencies
 from triattn_compile.passes.match import PatternNotFound
+from triattn_compile.passes.rotary import fake_value
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,8 @@ class TriAttentionState:
         omega = torch.stack([f[0] for f in freqs])
         scale = freqs[0][1]
         q = sites[0].query
-        q_val = q.pre.meta.get("example_value", q.pre.meta.get("val"))
-        # key before repeat_kv (or the cache buffer): [B, Hkv, S, D]
-        k_val = sites[0].key_source.meta.get("example_value", sites[0].key_source.meta.get("val"))
-        num_kv = int(k_val.shape[1])
+        q_val = fake_value(q.pre)
+        num_kv = int(fake_value(sites[0].key_source).shape[1])  # key before repeat_kv: [B, Hkv, S, D]
         signature = RotarySignature(
             num_layers=len(sites),
             num_heads=int(q_val.shape[sites[0].head_axis]),
@@ -114,8 +113,6 @@ def _discover(state: TriAttentionState) -> None:
     try:
         with torch.no_grad():
             fn(input_ids=ids, past_key_values=probe, position_ids=torch.arange(2, device=device)[None], use_cache=True)
-    except PatternNotFound:
-        raise
     except Exception as exc:  # dynamo wraps backend errors
         cause = exc
         while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:

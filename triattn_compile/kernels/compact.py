@@ -89,7 +89,7 @@ def compress(
     ctrl[PEAK] = max(int(ctrl[PEAK]), used)
     if used < budget + divide_length:
         return
-    n = 1 if count.numel() == 0 else count.clamp_min(1)[:, None, None]
+    n = count.clamp_min(1)[:, None, None]
     q_mean = torch.complex(sum_re / n, sum_im / n)
     q_abs = sum_abs / n
     live = [k[:, :, :used] for k in keys]

@@ -45,11 +45,12 @@ def rotary_frequencies(
 ) -> tuple[torch.Tensor, float]:
     """``(omega [F] float64, attention_scaling)`` of one site."""
     bands = site.query.rotary_dim // 2
-    placeholders = {n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    upstream = _ancestors([site.query.cos])
+    placeholders = zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
     found = [
-        v for n, v in placeholders.items()
-        if n in _ancestors([site.query.cos]) and isinstance(v, torch.Tensor) and v.is_floating_point()
-        and v.dim() == 1 and v.numel() == bands
+        v for n, v in placeholders
+        if n in upstream and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 1
+        and v.numel() == bands
     ]
     if len(found) == 1:
         omega = found[0].detach().double().cpu()

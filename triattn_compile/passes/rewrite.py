@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from triattn_compile.passes.match import AttentionSite
+from triattn_compile.passes.rotary import fake_value
 
 
 def add_inputs(graph: Graph, names: list[str]) -> list[Node]:
@@ -38,15 +39,10 @@ def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) 
             )
 
 
-def _device(node: Node) -> torch.device:
-    val = node.meta.get("example_value", node.meta.get("val"))
-    return val.device
-
-
 def mask_to_occupied_slots(graph: Graph, site: AttentionSite, capacity: int) -> None:
     """Replace the site's attention mask with ``slot <= write_slot`` over the cache's ``capacity`` slots."""
     with graph.inserting_before(site.attn):
-        slots = graph.call_function(torch.arange, (capacity,), {"device": _device(site.key_buffer)})
+        slots = graph.call_function(torch.arange, (capacity,), {"device": fake_value(site.key_buffer).device})
         query_slots = graph.call_function(operator.getitem, (site.write_slots, (slice(None), None)))
         mask = graph.call_function(operator.le, (slots, query_slots))  # [T, C] bool
     args = list(site.attn.args)

@@ -38,8 +38,13 @@ _NEG = (operator.neg, torch.neg, "neg")
 _CAT = (torch.cat, "cat")
 
 
+def fake_value(node: Node):
+    """The (fake) tensor a traced node produces, as recorded by Dynamo or by AOT tracing."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def _last_dim(node: Node) -> int | None:
-    val = node.meta.get("example_value", node.meta.get("val"))
+    val = fake_value(node)
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
 
 
