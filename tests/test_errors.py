@@ -70,22 +70,31 @@ def test_model_without_rotary_embedding():
     assert "attention site 0" in msg and "rotary" in msg
 
 
-def test_padding_mask_is_refused(llama):
+def test_padding_mask_other_than_left_padding_is_refused(llama):
     tc.optimize(llama, budget=256, compiler="eager")
-    ids = torch.randint(0, 128, (1, 10))
+    ids = torch.randint(1, 128, (1, 10))
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    mask[0, :3] = 0  # left padding: accepted (tests/test_batching_ragged.py)
+    assert llama.generate(ids, attention_mask=mask, max_new_tokens=2).shape == (1, 12)
+    mask[0, 5] = 0  # a hole (e.g. a prompt containing the pad token id)
     with pytest.raises(ValueError) as exc:
         llama.generate(ids, attention_mask=mask, max_new_tokens=2)
-    assert "attention_mask" in _one_line(exc)
+    assert "attention_mask" in _one_line(exc) and "left padding" in _one_line(exc)
 
 
-def test_batch_is_refused_for_now(llama):
-    tc.optimize(llama, budget=256, compiler="eager")
-    ids = torch.randint(0, 128, (2, 10))
+def test_unsupported_dtype(llama):
+    llama.to(torch.float64)
     with pytest.raises(ValueError) as exc:
-        llama(ids)
-    assert "batch size 2" in _one_line(exc)
+        tc.optimize(llama, budget=256)
+    assert "float64" in _one_line(exc) and "model.to(torch.float32)" in _one_line(exc)
+
+
+def test_model_on_meta_device():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError) as exc:
+        tc.optimize(model, budget=256)
+    assert "meta device" in _one_line(exc)
 
 
 def test_stats_of_another_model(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from independent_reference import independent_keep_sets
 
-from triattn_compile.kernels.compact import keep_indices, triattention_scores
+from triattn_compile.kernels.compact import keep_slots
 from triattn_compile.kernels.scoring.naive import (
     PAIRINGS,
     aggregate_scores,
@@ -17,6 +17,7 @@ from triattn_compile.kernels.scoring.naive import (
     score_postrope,
     select_keep,
 )
+from triattn_compile.policies import CompactionInputs, TriAttention
 
 REL_TOL = 1e-5  # max |post - pre| / max |pre|; float32 keys against the float64 oracle
 
@@ -96,7 +97,7 @@ def test_keep_sets_equal_between_forms(protected, budget):
 
 @pytest.mark.parametrize("scale", [1.0, 1.3])
 def test_compaction_path_matches_independent_oracle(scale):
-    """The scoring + selection the compress op runs equals an independently written implementation."""
+    """The scoring + selection compact() runs equals an independently written implementation."""
     L, B, Hkv, G, N, D = 3, 2, 2, 3, 300, 64
     g = torch.Generator().manual_seed(1)
     F = D // 2
@@ -108,10 +109,9 @@ def test_compaction_path_matches_independent_oracle(scale):
                            torch.randn(L, Hkv * G, F, generator=g, dtype=torch.float64))
     q_abs = q_mean.abs() + torch.rand(L, Hkv * G, F, generator=g, dtype=torch.float64)
     round_start, protected, budget = N + 5, 20, 150
-    ours = keep_indices(
-        triattention_scores(keys, round_start, q_mean, q_abs, inv_freq.expand(L, F), "half", 65536, scale),
-        Hkv, protected, budget, per_layer=False, noise=1e-6, seed=0,
-    )[0]
+    inputs = CompactionInputs(keys, positions.expand(L, B, Hkv, N), round_start, protected, 0, q_mean, q_abs,
+                              inv_freq.expand(L, F), "half", scale)
+    ours = keep_slots(TriAttention().scores(inputs), protected, 0, budget)[0]
     oracle = independent_keep_sets(keys, positions, round_start, q_mean.real, q_mean.imag, q_abs, inv_freq, scale,
                                    protected, budget)
     assert torch.equal(ours, oracle)

@@ -7,6 +7,7 @@ import torch
 from independent_reference import independent_keep_sets
 
 import triattn_compile as tc
+import triattn_compile.api as api
 import triattn_compile.kernels.compact as compact
 from triattn_compile.loading import chat_ids, load_model
 
@@ -66,18 +67,15 @@ def test_keep_sets_on_real_keys_equal_independent_oracle(smollm2, monkeypatch):
     model, ids = smollm2
     seen = []
 
-    def spy_scores(keys, round_start, q_mean, q_abs, omega, *args):
-        seen.append(([k.clone() for k in keys], round_start, q_mean.clone(), q_abs.clone(), omega[0].clone()))
-        return original_scores(keys, round_start, q_mean, q_abs, omega, *args)
+    original = compact.compact
 
-    def spy_keep(*args, **kwargs):
-        idx = original_keep(*args, **kwargs)
-        seen[-1] += (idx.clone(), args[2])
+    def spy_compact(cache, policy, inputs):
+        keys = [k.clone() for k in inputs.keys]  # compact() overwrites the slots in place
+        idx = original(cache, policy, inputs)
+        seen.append((keys, inputs, idx.clone()))
         return idx
 
-    original_scores, original_keep = compact.triattention_scores, compact.keep_indices
-    monkeypatch.setattr(compact, "triattention_scores", spy_scores)
-    monkeypatch.setattr(compact, "keep_indices", spy_keep)
+    monkeypatch.setattr(api, "compact", spy_compact)
     tc.optimize(model, budget=256, compiler="eager")
     try:
         _greedy(model, ids, 384 - ids.shape[1] + 2)
@@ -85,9 +83,9 @@ def test_keep_sets_on_real_keys_equal_independent_oracle(smollm2, monkeypatch):
     finally:
         tc.restore(model)
         torch._dynamo.reset()
-    keys, round_start, q_mean, q_abs, omega, idx, protected = seen[0]
+    keys, inputs, idx = seen[0]
+    protected = inputs.num_protected
     assert protected == ids.shape[1] and keys[0].shape[2] == 384
-    oracle = independent_keep_sets(
-        keys, torch.arange(384), round_start, q_mean.real, q_mean.imag, q_abs, omega, scale, protected, 256
-    )
+    oracle = independent_keep_sets(keys, torch.arange(384), inputs.next_position, inputs.q_mean.real,
+                                   inputs.q_mean.imag, inputs.q_abs, inputs.omega[0], scale, protected, 256)
     assert torch.equal(idx[0], oracle)

@@ -7,18 +7,22 @@ backend over a :class:`~triattn_compile.cache.CompressedCache`. :func:`restore` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 import torch
 from torch import nn
 
-from triattn_compile.cache import CompressedCache
+from triattn_compile.cache import PAD, CompressedCache
 from triattn_compile.calibration.stats import QueryStats, RotarySignature, rope_fingerprint
 from triattn_compile.config import TriAttentionConfig
+from triattn_compile.kernels.compact import compact, compaction_inputs
 from triattn_compile.passes.backend import TriAttentionBackend
 from triattn_compile.passes.frequencies import rotary_frequencies
 from triattn_compile.passes.match import PatternNotFound
 from triattn_compile.passes.rotary import fake_value
+from triattn_compile.policies import Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +40,38 @@ class TriAttentionState:
         self.online = config.stats is None
         self.cache: CompressedCache | None = None
         self.original_forward = model.forward
+        c = config
+        self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
+                                          seed=c.seed)
+        self.compaction_seconds = 0.0  # wall time spent in compact(), for benchmarks
 
     # -- filled in by the backend -------------------------------------------------------------------------------
     def observe(self, gm, sites, example_inputs) -> None:
         """Record (first graph) or check (later graphs) the rotary signature found in a traced graph."""
-        fallback = next((b for n, b in self.model.named_buffers() if n.endswith("inv_freq")), None)
-        freqs = [rotary_frequencies(gm, s, example_inputs, fallback) for s in sites]
+        _refuse_sliding_window(self.model, sites)
+        roped = [s for s in sites if s.query.rotary_dim > 0]
+        if not roped:
+            raise PatternNotFound("no attention site applies a rotary embedding: TriAttention needs RoPE layers")
+        q = roped[0].query
+        for site in roped[1:]:
+            if (site.query.pairing, site.query.rotary_dim) != (q.pairing, q.rotary_dim):
+                raise PatternNotFound(
+                    f"attention site {site.layer} ({site.module}): rotary {site.query.form} {site.query.pairing} "
+                    f"over {site.query.rotary_dim} dims differs from site {roped[0].layer} ({q.pairing} over "
+                    f"{q.rotary_dim}); per-layer rotary layouts are not supported"
+                )
+        inv_freq = next((b for n, b in self.model.named_buffers() if n.endswith("inv_freq")), None)
+        # later graphs (prefill, decode) fall back to the frequencies found on the first (the probe at positions 0, 1)
+        fallbacks = list(self.omega) if self.omega is not None and len(self.omega) == len(sites) else None
+        no_rope = (torch.zeros(q.rotary_dim // 2, dtype=torch.float64), None)  # NoPE layers: ω unused
+        freqs = [
+            rotary_frequencies(gm, s, example_inputs, fallbacks[i] if fallbacks else inv_freq)
+            if s.query.rotary_dim else no_rope
+            for i, s in enumerate(sites)
+        ]
         omega = torch.stack([f[0] for f in freqs])
-        scale = freqs[0][1]
-        q = sites[0].query
-        q_val = fake_value(q.pre)
+        scale = freqs[roped[0].layer][1]
+        q_val = fake_value(sites[0].query.pre)
         num_kv = int(fake_value(sites[0].key_source).shape[1])  # key before repeat_kv: [B, Hkv, S, D]
         signature = RotarySignature(
             num_layers=len(sites),
@@ -56,12 +82,13 @@ class TriAttentionState:
             pairing=q.pairing,
             rope_fingerprint=rope_fingerprint(omega),
             attention_scaling=round(scale, 6),
+            nope_layers=",".join(str(s.layer) for s in sites if not s.query.rotary_dim),
         )
-        if signature.rotary_dim != signature.head_dim:
-            raise PatternNotFound(
-                f"attention site 0 ({sites[0].module}): partial rotary (rotary_dim {signature.rotary_dim} of head_dim "
-                f"{signature.head_dim}) is recognised but not supported yet; use a fully rotary model"
-            )
+        nope = f", NoPE layers {signature.nope_layers}" if signature.nope_layers else ""
+        self.forms = f"{q.form} rotary{nope}, {sites[0].form} attention"  # what the pass recognised (for reports)
+        if self.signature is not None and abs(signature.attention_scaling - self.signature.attention_scaling) < 1e-2:
+            # the scaling is measured from cos/sin in the model's dtype: bf16/fp16 graphs differ in the 3rd digit
+            signature = dataclasses.replace(signature, attention_scaling=self.signature.attention_scaling)
         if self.signature is None:
             self.signature, self.omega = signature, omega
         elif signature != self.signature:
@@ -74,24 +101,60 @@ class TriAttentionState:
                 return node
         raise PatternNotFound("the compressed cache's counters are not an input of the traced graph")
 
-    def compress_options(self) -> tuple:
-        c = self.config
-        return (c.budget, c.divide_length, c.protect_prompt, c.per_layer, self.signature.pairing,
-                float(self.signature.attention_scaling), c.max_offset, float(c.noise), c.seed)
-
     def stats_inputs(self) -> list[torch.Tensor]:
         return self.stats.tensors()
 
+    def cache_input_names(self) -> list[str]:
+        """The cache tensors the compress graph takes as extra inputs (beyond the statistics)."""
+        names = ["slot_pos"]
+        if self.policy.query_window:
+            names.append("queries")
+        if self.policy.accumulate_attention:
+            names.append("attention")
+        return names
+
     def extra_inputs(self) -> list[torch.Tensor]:
-        return [*self.stats.tensors(), self.cache.slot_pos, self.omega]
+        cache = self.cache
+        return [*self.stats.tensors(), *(getattr(cache, name) for name in self.cache_input_names())]
 
     # -- cache ------------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> CompressedCache:
         sig = self.signature
-        cache = CompressedCache(sig.num_layers, self.config.budget, self.config.divide_length, device)
+        cache = CompressedCache(sig.num_layers, self.config.budget, self.config.divide_length, device, batch)
         cache.early_initialization(batch, sig.num_kv_heads, sig.head_dim, dtype, device)
         cache.allocate_positions(batch, sig.num_kv_heads)
+        layers, window = sig.num_layers, self.policy.query_window
+        if window:
+            cache.queries = torch.zeros(layers, batch, sig.num_heads, window, sig.head_dim, device=device, dtype=dtype)
+        if self.policy.accumulate_attention:
+            cache.attention = torch.zeros(layers, batch, sig.num_kv_heads, self.capacity, device=device)
         return cache
+
+    def after_step(self, cache: CompressedCache, tokens: int) -> None:
+        """Host side of a step: advance the host counters, and compact each full row (no device read)."""
+        cache.record_write(tokens, self.config.protect_prompt)
+        if cache.is_full():
+            start = time.perf_counter()
+            for row in cache.full_rows():
+                compact(cache, self.policy, compaction_inputs(cache, self, row), row)
+            if cache.ctrl.is_cuda:
+                torch.cuda.synchronize(cache.ctrl.device)
+            self.compaction_seconds += time.perf_counter() - start
+
+
+def _refuse_sliding_window(model: nn.Module, sites) -> None:
+    """Sliding-window layers are refused: the compressed cache's slot mask would silently drop their window."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    for site in sites:
+        kind = types[site.layer] if site.layer < len(types) else None
+        if window is not None and kind in (None, "sliding_attention"):
+            raise PatternNotFound(
+                f"attention site {site.layer} ({site.module}): sliding-window attention (window {window}) is not "
+                "supported (the compressed cache would widen the window); build the model with sliding_window=None"
+            )
 
 
 def _find_state(model: nn.Module) -> TriAttentionState | None:
@@ -135,6 +198,26 @@ def _num_layers(model: nn.Module) -> int:
     return config.get_text_config().num_hidden_layers
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_placement(model: nn.Module) -> None:
+    """One device, a floating dtype the cache and scoring support: otherwise a one-line error."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("optimize() needs a model with parameters")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"the model spans devices {sorted(map(str, devices))}; move it to one device first "
+                         "(model.to(device)): the compressed cache lives on a single device")
+    if params[0].device.type == "meta":
+        raise ValueError("the model's weights are on the meta device; load real weights before optimize()")
+    dtype = params[0].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"model dtype {dtype} is not supported; use float32, bfloat16 or float16 "
+                         "(e.g. model.to(torch.float32))")
+
+
 def optimize(model: nn.Module, budget: int = 2048, **options) -> nn.Module:
     """Give ``model`` a TriAttention-compressed KV cache of ``budget + 128`` slots per KV head.
 
@@ -153,6 +236,7 @@ def optimize(model: nn.Module, budget: int = 2048, **options) -> nn.Module:
     """
     if _find_state(model) is not None:
         raise ValueError("optimize() was already applied to this model; call triattn_compile.restore(model) first")
+    _check_placement(model)
     config = TriAttentionConfig(budget=budget, **options)
     state = TriAttentionState(model, config)
     _discover(state)
@@ -182,33 +266,47 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
         cache = state.new_cache(batch, ref.device, _kv_dtype(state.model))
         kwargs["past_key_values"] = cache
     fresh = cache.tokens_seen() == 0
-    if fresh and state.config.protect_prompt and length + state.config.divide_length > state.config.budget:
+    mask = kwargs.pop("attention_mask", None)
+    if fresh:
+        cache.set_padding(_left_padding(mask, batch, length))
+    longest = length - min(cache.pads) if fresh else length
+    if fresh and state.config.protect_prompt and longest + state.config.divide_length > state.config.budget:
         raise ValueError(
-            f"prompt of {length} tokens does not fit budget {state.config.budget} with prompt protection "
+            f"prompt of {longest} tokens does not fit budget {state.config.budget} with prompt protection "
             f"(needs budget >= prompt + {state.config.divide_length}); use budget >= "
-            f"{length + state.config.divide_length} or protect_prompt=False"
+            f"{longest + state.config.divide_length} or protect_prompt=False"
         )
     if length > state.capacity - cache.occupancy()[0]:
         raise ValueError(
             f"{length} new tokens do not fit the compressed cache ({cache.occupancy()[0]}/{state.capacity} slots "
             "used); feed at most divide_length tokens per call after the prompt"
         )
-    if kwargs.get("position_ids") is None:
-        pos = cache.tokens_seen() + torch.arange(length, device=ref.device)
-        kwargs["position_ids"] = pos[None].expand(batch, length)
+    if kwargs.get("position_ids") is None:  # each row's own positions: tokens fed minus its left padding
+        pos = (cache.tokens_seen() + torch.arange(length, device=ref.device))[None].expand(batch, length)
+        kwargs["position_ids"] = (pos - cache.ctrl[PAD][:, None]).clamp(min=0) if any(cache.pads) else pos
     kwargs["use_cache"] = True
-    mask = kwargs.pop("attention_mask", None)
-    if batch != 1:
-        raise ValueError(f"batch size {batch} is not supported yet: generate one sequence at a time")
-    if fresh and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-        raise ValueError(
-            "attention_mask hides some prompt tokens (padding, or a prompt that contains the pad token id); "
-            "masked tokens are not supported yet: pass attention_mask=torch.ones_like(input_ids)"
-        )
     state.cache = cache
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
-    return compiled(*args, **kwargs)
+    out = compiled(*args, **kwargs)
+    state.after_step(cache, length)
+    return out
+
+
+def _left_padding(mask, batch: int, length: int) -> list[int]:
+    """Per-row left padding of a prompt's 2D ``attention_mask`` (checked on the host, on the first call only)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return [0] * batch
+    seen = mask.bool().cpu()
+    pads = (~seen).sum(1)
+    left = torch.arange(seen.shape[1]) >= pads[:, None]
+    if seen.shape != (batch, length) or not torch.equal(seen, left) or bool((pads >= length).any()):
+        raise ValueError(
+            "attention_mask must be left padding (each row: zeros, then at least one 1, shape [batch, prompt]); "
+            "right padding, holes (a prompt containing the pad token id) and empty rows are not supported: "
+            "pad on the left (tokenizer.padding_side='left') or pass attention_mask=torch.ones_like(input_ids)"
+        )
+    return pads.tolist()
 
 
 def calibrate(

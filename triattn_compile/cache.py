@@ -3,13 +3,21 @@
 The cache is a transformers :class:`~transformers.Cache`, so an unmodified model writes to it through its usual
 ``past_key_values.update(...)`` call. Keys are stored post-RoPE. ``update`` only writes the new tokens at the next
 free slots; the graph pass (``passes/rewrite.py``) masks attention to the occupied slots and appends the
-``triattn::compress_`` op that advances the counters and compacts every layer in place when the cache is full.
+``triattn::advance`` op that records the new tokens' positions. Compaction runs between steps
+(``kernels/compact.py``), scheduled on the host.
 
-State tensors (all on the cache's device, never read on the host inside the compiled step):
+Two copies of the counters, so that the compiled step never syncs with the host:
 
-* ``ctrl`` int64 ``[5]``: occupied slots, tokens seen (absolute position of the next token), protected prompt
-  slots, compaction rounds done, peak occupied slots.
-* ``slot_pos`` int64 ``[L, B, Hkv, C]``: absolute position of the token in each slot (``-1`` when empty).
+* on the device, read and written only inside the graph: ``ctrl`` int64 ``[3, B]`` (per row: occupied slots =
+  where the row's next token is written; tokens fed, padding included, equal in every row; left padding of the
+  row's prompt) and ``slot_pos`` int64 ``[L, B, Hkv, C]`` (the row's own position of the token in each slot, ``-1``
+  when empty or padding);
+* on the host, Python ints advanced by :meth:`CompressedCache.record_write`: the host knows how many tokens it fed,
+  so it knows when a row is full without reading the device.
+
+Rows are independent: each has its own write pointer, positions (``fed - pad``), protected prompt and compaction
+schedule, so a row of a left-padded batch evolves exactly as the same prompt alone. Padding tokens are written to
+the row's last slots (``(occupied + t - pad) mod C``), marked ``-1`` and overwritten before the row is full.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-OCCUPIED, SEEN, PROTECTED, ROUNDS, PEAK = range(5)
+OCCUPIED, SEEN, PAD = range(3)
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer's key/value slots ``[B, Hkv, C, D]``; writes go to ``ctrl[OCCUPIED] + arange(T)``."""
+    """One layer's key/value slots ``[B, Hkv, C, D]``; row b's token t goes to slot
+    ``(ctrl[OCCUPIED, b] + t - lead_b) mod C``, ``lead_b`` being the row's padding still in this call (so a row's real
+    tokens fill slots ``0, 1, ...``)."""
 
     is_compileable = True
     is_sliding = False
@@ -42,16 +52,18 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # key_states: [B, Hkv, T, D] post-RoPE
-        slots = self.ctrl[OCCUPIED] + torch.arange(key_states.shape[-2], device=self.device)
-        self.keys.index_copy_(2, slots, key_states)
-        self.values.index_copy_(2, slots, value_states)
+        lead = (self.ctrl[PAD] - self.ctrl[SEEN]).clamp(min=0)[:, None]  # [B, 1] padding tokens in this call
+        slots = (self.ctrl[OCCUPIED][:, None] + torch.arange(key_states.shape[-2], device=self.device) - lead)
+        slots = slots % self.capacity  # [B, T]
+        self.keys.scatter_(2, slots[:, None, :, None].expand(key_states.shape), key_states)
+        self.values.scatter_(2, slots[:, None, :, None].expand(value_states.shape), value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.capacity, 0
 
     def get_seq_length(self) -> torch.Tensor:
-        return self.ctrl[SEEN]
+        return self.ctrl[SEEN, 0]
 
     def get_max_length(self) -> int:
         return self.capacity
@@ -64,14 +76,79 @@ class CompressedCache(Cache):
         num_layers: attention layers of the model.
         budget: tokens kept per KV head after a compaction (B).
         divide_length: decode steps between compactions; capacity is ``budget + divide_length``.
+        batch: rows (sequences); each has its own write pointer, positions and compaction schedule.
     """
 
-    def __init__(self, num_layers: int, budget: int, divide_length: int = 128, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, budget: int, divide_length: int = 128, device: torch.device | str = "cpu",
+                 batch: int = 1):
         self.budget = budget
         self.capacity = budget + divide_length
-        self.ctrl = torch.zeros(5, dtype=torch.int64, device=device)
+        self.batch = batch
+        self.ctrl = torch.zeros(3, batch, dtype=torch.int64, device=device)
         super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl) for _ in range(num_layers)])
         self.slot_pos: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries, when a policy asks
+        self.attention: torch.Tensor | None = None  # [L, B, Hkv, C] accumulated attention, when a policy asks
+        # host mirror, per row: occupied slots, left padding, protected prompt, compaction rounds
+        self.fill, self.pads, self.prompt, self.row_rounds = ([0] * batch for _ in range(4))
+        self.seen = self.peak = 0  # tokens fed (padding included); most slots a row ever held
+
+    @property
+    def occupied(self) -> int:
+        """Occupied slots of the fullest row."""
+        return max(self.fill)
+
+    @property
+    def rounds(self) -> int:
+        """Compaction rounds of the row compacted most often."""
+        return max(self.row_rounds)
+
+    def set_padding(self, pads: list[int]) -> None:
+        """Left padding of each row's prompt (before the first write)."""
+        self.pads = list(pads)
+        self.ctrl[PAD] = torch.tensor(self.pads, dtype=torch.int64)
+
+    def record_write(self, tokens: int, protect: bool) -> None:
+        """Host side of a forward that wrote ``tokens`` new tokens per row (the device side is ``triattn::advance``)."""
+        for b, pad in enumerate(self.pads):
+            real = tokens - min(max(pad - self.seen, 0), tokens)
+            if self.seen == 0 and protect:
+                self.prompt[b] = real
+            if self.seen == 0 and pad:
+                self._forget_padding(b, pad, real)
+            self.fill[b] += real
+        self.seen += tokens
+        self.peak = max(self.peak, self.occupied)
+
+    def _forget_padding(self, row: int, pad: int, real: int) -> None:
+        """What the padding queries left in the policies' observations is cleared (as if the row ran alone)."""
+        if self.attention is not None:
+            self.attention[:, row, :, self.capacity - pad:] = 0  # padding slots (each saw only itself)
+        if self.queries is not None and real < self.queries.shape[3]:
+            self.queries[:, row, :, : self.queries.shape[3] - real] = 0
+
+    def repeat_rows(self, batch: int) -> None:
+        """Turn a one-row cache into ``batch`` identical rows (benchmarks: the same context in every sequence)."""
+        if self.batch != 1:
+            raise ValueError(f"repeat_rows needs a one-row cache, this one has {self.batch} rows")
+        self.ctrl = self.ctrl.repeat(1, batch)
+        for layer in self.layers:
+            layer.ctrl = self.ctrl
+            layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
+        for name in ("slot_pos", "queries", "attention"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.repeat(1, batch, *[1] * (value.dim() - 2)))
+        self.fill, self.pads, self.prompt, self.row_rounds = (v * batch for v in
+                                                               (self.fill, self.pads, self.prompt, self.row_rounds))
+        self.batch = batch
+
+    def full_rows(self) -> list[int]:
+        """Rows whose slots are all occupied: they must be compacted before the next step."""
+        return [b for b, n in enumerate(self.fill) if n >= self.capacity]
+
+    def is_full(self) -> bool:
+        return bool(self.full_rows())
 
     # transformers asks this to decide on eager mask building in generate(); the pass builds its own mask.
     @property
@@ -87,22 +164,25 @@ class CompressedCache(Cache):
         return self.slot_pos
 
     def occupancy(self) -> list[int]:
-        """Occupied slots per layer (identical across layers: every layer keeps the same count)."""
-        return [int(self.ctrl[OCCUPIED])] * len(self.layers)
+        """Occupied slots per layer, fullest row (identical across layers: every layer keeps the same count)."""
+        return [self.occupied] * len(self.layers)
 
     def peak_occupancy(self) -> int:
         """Most slots ever occupied at once (measured before each compaction)."""
-        return int(self.ctrl[PEAK])
+        return self.peak
 
     def compactions(self) -> int:
         """Compaction rounds done so far."""
-        return int(self.ctrl[ROUNDS])
+        return self.rounds
 
     def tokens_seen(self) -> int:
-        """Absolute position of the next token."""
-        return int(self.ctrl[SEEN])
+        """Tokens fed per row, padding included (the next token's position in an unpadded row)."""
+        return self.seen
 
     def kv_bytes(self) -> int:
-        """Bytes held by the key/value slots (the allocated capacity, not just the occupied part)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
-                   for t in (layer.keys, layer.values))
+        """Bytes the cache holds: key/value slots at full capacity plus its bookkeeping (``slot_pos``, the query
+        ring and attention sums some policies use)."""
+        kv = sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+                 for t in (layer.keys, layer.values))
+        extra = (self.slot_pos, self.queries, self.attention)
+        return kv + sum(t.numel() * t.element_size() for t in extra if t is not None)

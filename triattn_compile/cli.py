@@ -1,4 +1,5 @@
-"""``triattn`` command line: ``calibrate`` writes a stats file, ``generate`` runs an optimized model on a prompt."""
+"""``triattn`` command line: ``calibrate`` writes a stats file, ``generate`` runs an optimized model on a prompt,
+``bench`` measures decode speed and memory against full attention."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from triattn_compile.evaluation import add_eval_parser
 
 
 def _calibrate(args: argparse.Namespace) -> dict:
@@ -23,6 +26,24 @@ def _calibrate(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "tokens": stats.tokens(), "signature": stats.signature.__dict__}
 
 
+class _ProgressStreamer:
+    """A ``generate(streamer=...)`` that only advances a progress bar (the first ``put`` is the prompt)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="generating", unit="tok")
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 def _generate(args: argparse.Namespace) -> dict:
     import triattn_compile as tc
     from triattn_compile.loading import chat_ids, load_model
@@ -32,10 +53,12 @@ def _generate(args: argparse.Namespace) -> dict:
     if args.budget:
         tc.optimize(model, budget=args.budget, stats=args.stats)
     start = time.perf_counter()
+    streamer = None if args.json else _ProgressStreamer(args.max_new_tokens)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
             temperature=args.temperature if args.sample else None, top_p=0.95 if args.sample else None,
+            streamer=streamer,
         )
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
@@ -45,6 +68,49 @@ def _generate(args: argparse.Namespace) -> dict:
         cache = tc.current_cache(model)
         result.update(peak_kv_slots=cache.peak_occupancy(), compactions=cache.compactions())
     return result
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from triattn_compile.bench import prompt_ids, run_methods, write_report
+    from triattn_compile.loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    methods = [*args.methods, *(f"B={b}" for b in args.budgets)]
+    lengths = sorted({*args.lengths, args.length})
+    command = "triattn bench " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
+    reports = {}
+    for batch in args.batch if args.length else []:
+        ids = prompt_ids(tokenizer, batch, args.passage_tokens).to(device)
+        if ids.shape[1] + args.length > model.config.max_position_embeddings:
+            raise ValueError(f"prompt + {args.length} tokens exceed the model's context "
+                             f"({model.config.max_position_embeddings}); use a smaller --length")
+        runs = run_methods(model, ids, args.length, methods, progress=not args.json)
+        report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command)
+        if not args.json:
+            print(report.pop("markdown"))
+        else:
+            report.pop("markdown")
+        reports[f"batch {batch}"] = report
+    if args.serve_cap_mib:
+        from tabulate import tabulate
+
+        from triattn_compile.bench import machine, serving, text_ids
+
+        context = text_ids(tokenizer, args.serve_context).to(device)
+        rows = serving(model, context, args.serve_cap_mib * 2**20, args.budgets)
+        md = "\n".join([f"# Serving under a {args.serve_cap_mib} MiB KV cap, end of a {args.serve_context}-token "
+                        "generation", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+                        tabulate(rows, headers="keys", tablefmt="github"), ""])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving.md").write_text(md)
+        if not args.json:
+            print(md)
+        reports["serving"] = rows
+    return reports if args.json else {"written to": str(args.out)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     gen.set_defaults(run=_generate)
 
-    for p in (cal, gen):
+    bench = sub.add_parser("bench", help="decode speed and memory: full attention vs optimize(), one process")
+    bench.add_argument("--model", default=None, help=model_help)
+    bench.add_argument("--length", type=int, default=8000, help="tokens to generate per run (greedy, EOS ignored)")
+    bench.add_argument("--lengths", type=int, nargs="*", default=[1000, 2000, 4000],
+                       help="also report throughput over the first N tokens of each run")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (identical prompts)")
+    bench.add_argument("--budgets", type=int, nargs="*", default=[256, 1024, 2048], help="TriAttention budgets")
+    bench.add_argument("--methods", nargs="*", default=["sdpa", "compiled"], choices=["sdpa", "compiled"],
+                       help="full-attention baselines: transformers sdpa, and the same under plain torch.compile")
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the .md/.json/.png files")
+    bench.add_argument("--serve-cap-mib", type=int, default=0,
+                       help="also run the memory-capped serving comparison under this KV cap (MiB); 0 skips it")
+    bench.add_argument("--serve-context", type=int, default=8000,
+                       help="context length (tokens) at which the serving comparison decodes")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--passage-tokens", type=int, default=64,
+                       help="tokens of real text in the prompt (the chat prompt is about 37 tokens longer)")
+    bench.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    bench.set_defaults(run=_bench)
+
+    add_eval_parser(sub)  # triattn eval: quality vs full attention (triattn_compile/evaluation/)
+    for p in (cal, gen, bench):
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 

@@ -20,6 +20,8 @@ class TriAttentionConfig:
         max_offset: largest future offset (offsets are 1, 2, 4, ..., max_offset).
         noise: tie-break noise added to z-scores; seed: its seed.
         compiler: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph without Inductor; for tests).
+        policy: which tokens to keep: ``"triattention"`` (default), another name in
+            :data:`triattn_compile.policies.POLICIES` (the baselines), or a :class:`~triattn_compile.policies.Policy`.
     """
 
     budget: int = 2048
@@ -31,6 +33,7 @@ class TriAttentionConfig:
     noise: float = 1e-6
     seed: int = 0
     compiler: str = "inductor"
+    policy: object = "triattention"
 
     def __post_init__(self):
         for name in ("budget", "divide_length", "max_offset"):

@@ -4,12 +4,16 @@ The raw kernel runs under Triton's CPU interpreter in a **subprocess** (this fil
 ``TRITON_INTERPRET=1``): Triton decides interpretation when ``@triton.jit`` decorates a function, ``tl.sum`` included,
 i.e. when ``triton`` is first imported, which in a whole-suite run has already happened. The subprocess saves the
 kernel outputs; the assertions run here, against the reference on the same inputs (rebuilt from the case id).
-The ``triattn::score_keys`` op is checked in-process with ``opcheck`` and under ``torch.compile(fullgraph=True)``.
+Cases: a hand-picked list plus seeded random shapes (head dims 64/128/256, fp32/bf16/fp16, GQA ratios 1-4).
+The ``triattn::score_keys`` op is checked in-process with ``opcheck`` and under ``torch.compile(fullgraph=True)``;
+the code Inductor generates for it is read with ``run_and_get_code`` (CPU: the torch body, inlined; CUDA: our Triton
+kernel, the only test skipped without a GPU together with the other CUDA runs).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import zlib
@@ -41,12 +45,14 @@ class Case:
     scale: float = 1.0
     layout: str = "contig"  # contig | bnhd (HF [B, N, Hkv, D] transposed) | strided_d (every other element of 2D)
     ablation: str = "full"  # full | no_trig | no_norm | no_mlr
+    round_start: int = ROUND_START
 
     @property
     def id(self) -> str:
+        rs = "" if self.round_start == ROUND_START else f"-t{self.round_start}"
         return (
             f"B{self.B}-Hkv{self.Hkv}-G{self.G}-N{self.N}-D{self.D}-{self.dtype}-{self.pairing}"
-            f"-s{self.scale}-{self.layout}-{self.ablation}"
+            f"-s{self.scale}-{self.layout}-{self.ablation}{rs}"
         )
 
 
@@ -69,6 +75,25 @@ KERNEL_CASES = [
 ]
 
 
+def random_cases(count: int, seed: int = 2026) -> list[Case]:
+    """Seeded random shapes: every (head_dim, dtype) pair of 64/128/256 x fp32/bf16/fp16 once, GQA ratios 1-4 in
+    turn, the rest (batch, KV heads, key count, pairing, layout, scaling, round start) drawn."""
+    rng = random.Random(seed)
+    combos = [(d, t) for t in _DTYPES for d in (64, 128, 256)]
+    cases = []
+    for i in range(count):
+        d, t = combos[i % len(combos)]
+        cases.append(Case(
+            B=rng.randint(1, 2), Hkv=rng.randint(1, 3), G=1 + i % 4, N=rng.randint(1, 200), D=d, dtype=t,
+            pairing=rng.choice(naive.PAIRINGS), scale=rng.choice([1.0, 1.1, 1.3863]),
+            layout=rng.choice(["contig", "bnhd", "strided_d"]), round_start=rng.randint(0, 200_000),
+        ))
+    return cases
+
+
+KERNEL_CASES += random_cases(9)
+
+
 def make_inputs(case: Case) -> dict:
     """Deterministic inputs for ``case`` (seeded by the id, so the subprocess and this process agree)."""
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
@@ -86,7 +111,7 @@ def make_inputs(case: Case) -> dict:
     flags["mlr"] = case.ablation != "no_mlr"
     return dict(
         keys_rot=keys,
-        round_start=ROUND_START,
+        round_start=case.round_start,
         q_mean=q_mean,
         q_abs=q_abs,
         omega=10000.0 ** (-torch.arange(F, dtype=torch.float64) / F),
@@ -227,6 +252,45 @@ def test_compiled_score_keys_cuda(case: Case) -> None:
     cpu_inputs = make_inputs(case)
     check_scores(out.cpu(), cpu_inputs)
     check_scores(score_keys_triton_eager(**inputs).cpu(), cpu_inputs)
+
+
+def _compiled_score_keys_code(device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Compile a small function around ``torch.ops.triattn.score_keys`` with Inductor; return its output, the
+    pure-torch expectation and the generated source (``run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from triattn_compile.kernels.scoring.triton_kernel import _score_keys_torch
+
+    torch._dynamo.reset()
+    case = Case(1, 2, 3, 100, 128, "bf16", "half", 1.25, "bnhd")
+    keys = make_inputs(case)["keys_rot"].to(device)
+    gen = torch.Generator().manual_seed(1)
+    u_re, u_im, w = (t.to(device) for t in torch.randn(3, case.Hkv * case.G, case.D // 2, generator=gen).unbind(0))
+
+    def fn(keys, u_re, u_im, w):
+        return torch.ops.triattn.score_keys(keys, u_re, u_im, w, case.scale, case.pairing).amax(-1)
+
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), keys, u_re, u_im, w)
+    expected = _score_keys_torch(keys.cpu(), u_re.cpu(), u_im.cpu(), w.cpu(), case.scale, case.pairing).amax(-1)
+    return out.cpu(), expected, "\n".join(code)
+
+
+def test_inductor_code_on_cpu_runs_the_torch_body() -> None:
+    """CPU: Inductor inlines the op's pure-torch body (no extern op call, no Triton kernel). This also shows that
+    the source check of the CUDA test below can tell the two apart."""
+    out, expected, src = _compiled_score_keys_code("cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert "_score_keys_fwd_kernel" not in src
+    assert "ops.triattn.score_keys" not in src  # inlined, not called as an opaque extern op
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inductor_code_contains_the_triton_kernel_cuda() -> None:
+    """CUDA: the generated code launches our Triton kernel (lowered as a user-defined Triton kernel)."""
+    out, expected, src = _compiled_score_keys_code("cuda")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert "_score_keys_fwd_kernel" in src, src[:2000]
+    assert "ops.triattn.score_keys" not in src  # lowered, not called as an opaque extern op
 
 
 if __name__ == "__main__":

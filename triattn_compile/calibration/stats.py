@@ -1,11 +1,15 @@
 """Pre-RoPE query statistics: running sums in memory, a validated safetensors file on disk.
 
 Per (layer, query head, band f) TriAttention needs the complex mean q̄_f and the mean magnitude E|q_f|
-(TRIATTENTION.md §1.2). :class:`QueryStats` keeps them as running sums so that online calibration (the capture op
-adds every live query) and offline statistics (loaded as ``mean * tokens``) share one representation.
+(TRIATTENTION.md §1.2); with partial rotary it also needs the mean of the pass-through (non-rotary) query dims,
+whose dot product with a key is position-independent (``kernels/scoring/naive.py``). :class:`QueryStats` keeps them
+as running sums so that online calibration (the capture op adds every live query) and offline statistics (loaded as
+``mean * tokens``) share one representation.
 
-File format: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``) and string metadata
-(``format``, layer/head counts, head_dim, rotary_dim, pairing, rope fingerprint, attention scaling, tokens).
+File format ``triattn-stats/2``: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``),
+``q_pass_mean`` (float32 ``[L, H, head_dim - rotary_dim]``) and string metadata (``format``, layer/head counts,
+head_dim, rotary_dim, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files (no
+``q_pass_mean``) still load for fully rotary models.
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
 
@@ -23,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT = "triattn-stats/1"
+FORMAT = "triattn-stats/2"
+_FORMATS_FULLY_ROTARY = (FORMAT, "triattn-stats/1")  # version 1 lacks q_pass_mean, which is empty there
 
 
 class StatsError(ValueError):
@@ -42,16 +47,26 @@ class RotarySignature:
     pairing: str
     rope_fingerprint: str
     attention_scaling: float
+    nope_layers: str = ""  # comma-separated indices of layers without RoPE (all their dims pass through)
 
     @property
     def num_bands(self) -> int:
         return self.rotary_dim // 2
+
+    @property
+    def num_pass(self) -> int:
+        """Width of the pass-through statistics: ``head_dim - rotary_dim``, or ``head_dim`` when some layers have no
+        RoPE (right-aligned: a RoPE layer's leading ``rotary_dim`` entries stay zero)."""
+        return self.head_dim if self.nope_layers else self.head_dim - self.rotary_dim
 
 
 def rope_fingerprint(omegas: torch.Tensor) -> str:
     """Short hash of the RoPE angular frequencies ``[L, F]`` (rounded so float noise does not matter)."""
     rounded = torch.round(omegas.double() * 1e9).to(torch.int64).cpu().numpy().tobytes()
     return hashlib.sha256(rounded).hexdigest()[:16]
+
+
+TENSOR_NAMES = ("sum_re", "sum_im", "sum_abs", "count", "sum_pass")
 
 
 class QueryStats:
@@ -68,10 +83,11 @@ class QueryStats:
         self.sum_im = torch.zeros(L, H, F, dtype=torch.float64, device=device)
         self.sum_abs = torch.zeros(L, H, F, dtype=torch.float64, device=device)
         self.count = torch.zeros(L, dtype=torch.float64, device=device)
+        self.sum_pass = torch.zeros(L, H, signature.num_pass, dtype=torch.float64, device=device)
 
     def tensors(self) -> list[torch.Tensor]:
-        """The four state tensors, in the order the custom ops take them."""
-        return [self.sum_re, self.sum_im, self.sum_abs, self.count]
+        """The state tensors, in the order the custom ops take them (:data:`TENSOR_NAMES`)."""
+        return [self.sum_re, self.sum_im, self.sum_abs, self.count, self.sum_pass]
 
     def tokens(self) -> int:
         """Queries seen per head (the minimum over layers)."""
@@ -86,6 +102,10 @@ class QueryStats:
         """Mean band magnitude E|q_f| ``[L, H, F]`` float64."""
         return self.sum_abs / self.count.clamp_min(1)[:, None, None]
 
+    def q_pass_mean(self) -> torch.Tensor:
+        """Mean of the pass-through query dims ``[L, H, head_dim - rotary_dim]`` float64 (empty if fully rotary)."""
+        return self.sum_pass / self.count.clamp_min(1)[:, None, None]
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the means and metadata to ``path`` atomically (temporary file, then rename)."""
         if self.tokens() == 0:
@@ -96,6 +116,7 @@ class QueryStats:
             "q_mean_real": q_mean.real.float().contiguous().cpu(),
             "q_mean_imag": q_mean.imag.float().contiguous().cpu(),
             "q_abs_mean": self.q_abs().float().contiguous().cpu(),
+            "q_pass_mean": self.q_pass_mean().float().contiguous().cpu(),
         }
         meta = {k: str(v) for k, v in asdict(self.signature).items()}
         meta.update(format=FORMAT, tokens=str(self.tokens()))
@@ -125,8 +146,11 @@ class QueryStats:
                 f"stats file {path} is truncated or not a safetensors file ({exc}); "
                 "recreate it with `triattn calibrate`"
             ) from None
-        if meta.get("format") != FORMAT:
+        if meta.get("format") != FORMAT and not (
+            meta.get("format") in _FORMATS_FULLY_ROTARY and expected.num_pass == 0
+        ):
             raise StatsError(f"{path} is not a triattn stats file (format {meta.get('format')!r}, want {FORMAT!r})")
+        meta.setdefault("nope_layers", "")  # absent from triattn-stats/1
         for field, want in asdict(expected).items():
             got = meta.get(field)
             same = got is not None and (
@@ -138,13 +162,15 @@ class QueryStats:
                     "calibrate this model with `triattn calibrate`"
                 )
         shape = (expected.num_layers, expected.num_heads, expected.num_bands)
-        names = ("q_mean_real", "q_mean_imag", "q_abs_mean")
-        for name in names:
+        pass_shape = (expected.num_layers, expected.num_heads, expected.num_pass)
+        tensors.setdefault("q_pass_mean", torch.zeros(pass_shape) if expected.num_pass == 0 else None)
+        for name in ("q_mean_real", "q_mean_imag", "q_abs_mean", "q_pass_mean"):
             t = tensors.get(name)
-            if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or not torch.isfinite(t).all():
+            want = pass_shape if name == "q_pass_mean" else shape
+            if t is None or tuple(t.shape) != want or t.dtype != torch.float32 or not torch.isfinite(t).all():
                 desc = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
                 raise StatsError(
-                    f"stats file {path}: tensor {name} is {desc}, expected finite float32 {shape}; "
+                    f"stats file {path}: tensor {name} is {desc}, expected finite float32 {want}; "
                     "recreate it with `triattn calibrate`"
                 )
         stats = cls(expected, device)
@@ -154,5 +180,6 @@ class QueryStats:
         stats.sum_re.copy_(tensors["q_mean_real"].double() * n)
         stats.sum_im.copy_(tensors["q_mean_imag"].double() * n)
         stats.sum_abs.copy_(tensors["q_abs_mean"].double() * n)
+        stats.sum_pass.copy_(tensors["q_pass_mean"].double() * n)
         stats.count.fill_(n)
         return stats

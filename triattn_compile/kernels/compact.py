@@ -1,50 +1,58 @@
-"""``triattn::compress``: advance the cache counters and, when the cache is full, score, select and compact.
+"""The two halves of the compressed cache's schedule (TRIATTENTION.md §1.7, HF path).
 
-The graph pass appends one call after the model's last attention node, so every layer has written the current
-tokens. Schedule (TRIATTENTION.md §1.7, HF path): when the occupied slots reach ``budget + divide_length``, keep the
-protected prompt plus the top ``budget - prompt`` decode tokens per KV head (one set shared by all layers unless
-``per_layer``) and move them, in temporal order, to the front of every layer's slots.
+``triattn::record_positions`` (before the first attention node) records the positions of the tokens just written;
+``triattn::advance`` (after the last one) moves the write pointers: inside the compiled step, with no host sync.
+
+:func:`compact` runs between steps, for each row whose host-side counters say it holds ``budget + divide_length``
+tokens (rows of a left-padded batch fill up at different steps): the policy scores the row's occupied slots, the
+protected prompt and the policy's recent window are kept, the top tokens per KV head fill the rest of the budget,
+and every layer's slots of that row are gathered in place, in temporal order, to the front.
 """
 
 from __future__ import annotations
 
 import torch
 
-from triattn_compile.cache import OCCUPIED, PEAK, PROTECTED, ROUNDS, SEEN
-from triattn_compile.kernels.scoring.naive import aggregate_scores, geometric_offsets, score_postrope, select_keep
+from triattn_compile.cache import OCCUPIED, PAD, SEEN, CompressedCache
+from triattn_compile.kernels.scoring.naive import select_keep
+from triattn_compile.policies import CompactionInputs, Policy
 
 
-def triattention_scores(
-    keys: list[torch.Tensor],
-    round_start: int,
-    q_mean: torch.Tensor,
-    q_abs: torch.Tensor,
-    omega: torch.Tensor,
-    pairing: str,
-    max_offset: int,
-    scale: float,
-) -> torch.Tensor:
-    """Per-layer, per-query-head scores of the occupied keys: ``[L, B, H, N]`` (post-RoPE form)."""
-    offsets = geometric_offsets(max_offset)
-    return torch.stack([
-        score_postrope(k, round_start, q_mean[i], q_abs[i], omega[i], pairing, offsets, scale)
-        for i, k in enumerate(keys)
-    ])
+@torch.library.custom_op("triattn::record_positions", mutates_args=("slot_pos",))
+def record_positions(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor) -> None:
+    """Before the first attention: the step's tokens at ``slots`` ``[B, T]`` get their row's position
+    ``fed + t - pad`` in every layer's ``slot_pos`` (``-1`` for padding tokens)."""
+    L, B, H, _ = slot_pos.shape
+    pos = ctrl[SEEN][:, None] + torch.arange(slots.shape[-1], device=slots.device) - ctrl[PAD][:, None]  # [B, T]
+    pos = pos.masked_fill(pos < 0, -1)
+    shape = (L, B, H, slots.shape[-1])
+    slot_pos.scatter_(3, slots[None, :, None, :].expand(shape), pos[None, :, None, :].expand(shape))
 
 
-def keep_indices(
-    scores: torch.Tensor, num_kv_heads: int, num_protected: int, budget: int, per_layer: bool, noise: float, seed: int
-) -> torch.Tensor:
-    """z-score, group max, layer mean, top-k (§1.6). Returns ``[L or 1, B, Hkv, budget]`` slot indices."""
-    N = scores.shape[-1]
-    candidates = torch.arange(N, device=scores.device) >= num_protected
-    jitter = None
-    if noise > 0:
-        gen = torch.Generator(device=scores.device).manual_seed(seed)
-        jitter = torch.rand(scores.shape, generator=gen, device=scores.device, dtype=scores.dtype) * noise
-    agg = aggregate_scores(scores, num_kv_heads, candidates, per_layer=per_layer, noise=jitter)
-    idx = select_keep(agg, num_protected, budget)
-    return idx if per_layer else idx[None]
+@record_positions.register_fake
+def _(ctrl, slot_pos, slots) -> None:
+    return None
+
+
+@torch.library.custom_op("triattn::advance", mutates_args=("ctrl",))
+def advance(ctrl: torch.Tensor, slots: torch.Tensor) -> None:
+    """After the last attention: move each row's write pointer past ``slots`` ``[B, T]`` and count the fed tokens."""
+    ctrl[OCCUPIED] = slots[:, -1] + 1
+    ctrl[SEEN] += slots.shape[-1]
+
+
+@advance.register_fake
+def _(ctrl, slots) -> None:
+    return None
+
+
+def keep_slots(scores: torch.Tensor, num_protected: int, recent_window: int, budget: int) -> torch.Tensor:
+    """``[X, B, Hkv, N]`` scores -> ``[X, B, Hkv, budget]`` slots: the protected prefix, the last ``recent_window``
+    slots, and the best of the rest, in increasing (temporal) order."""
+    if recent_window:
+        scores = scores.clone()
+        scores[..., -recent_window:] = torch.inf
+    return select_keep(scores, num_protected, budget)
 
 
 def gather_slots(buf: torch.Tensor, idx: torch.Tensor) -> None:
@@ -55,57 +63,44 @@ def gather_slots(buf: torch.Tensor, idx: torch.Tensor) -> None:
     buf[:, :, :k].copy_(buf.gather(2, idx))
 
 
-@torch.library.custom_op("triattn::compress", mutates_args=("ctrl", "slot_pos", "keys", "values"))
-def compress(
-    ctrl: torch.Tensor,
-    slot_pos: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    slots: torch.Tensor,
-    sum_re: torch.Tensor,
-    sum_im: torch.Tensor,
-    sum_abs: torch.Tensor,
-    count: torch.Tensor,
-    omega: torch.Tensor,
-    budget: int,
-    divide_length: int,
-    protect_prompt: bool,
-    per_layer: bool,
-    pairing: str,
-    scale: float,
-    max_offset: int,
-    noise: float,
-    seed: int,
-) -> None:
-    """Record the tokens just written at ``slots`` ``[T]`` and compact every layer when the cache is full."""
-    new = slots.numel()
-    first = int(ctrl[SEEN]) == 0
-    slot_pos[..., slots] = ctrl[SEEN] + torch.arange(new, device=slots.device)
-    ctrl[OCCUPIED] = slots[-1] + 1
-    ctrl[SEEN] += new
-    if first and protect_prompt:
-        ctrl[PROTECTED] = new
-    used = int(ctrl[OCCUPIED])
-    ctrl[PEAK] = max(int(ctrl[PEAK]), used)
-    if used < budget + divide_length:
-        return
-    n = count.clamp_min(1)[:, None, None]
-    q_mean = torch.complex(sum_re / n, sum_im / n)
-    q_abs = sum_abs / n
-    live = [k[:, :, :used] for k in keys]
-    scores = triattention_scores(live, int(ctrl[SEEN]), q_mean, q_abs, omega, pairing, max_offset, scale)
-    rounds = int(ctrl[ROUNDS])
-    idx = keep_indices(scores, keys[0].shape[1], int(ctrl[PROTECTED]), budget, per_layer, noise, seed + rounds)
-    for i, (k, v) in enumerate(zip(keys, values)):
-        layer_idx = idx[i if per_layer else 0]
-        gather_slots(k, layer_idx)
-        gather_slots(v, layer_idx)
-        gather_slots(slot_pos[i], layer_idx)
-    slot_pos[..., budget:] = -1
-    ctrl[OCCUPIED] = budget
-    ctrl[ROUNDS] += 1
+def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> CompactionInputs:
+    """What the policy sees for one row (a batch of 1): its occupied slots, its own position and protected prompt,
+    and the statistics of ``state`` (a TriAttentionState)."""
+    used, rows = cache.fill[row], slice(row, row + 1)
+    return CompactionInputs(
+        keys=[layer.keys[rows, :, :used] for layer in cache.layers],
+        positions=cache.slot_pos[:, rows, :, :used],
+        next_position=cache.seen - cache.pads[row],
+        num_protected=cache.prompt[row],
+        round=cache.row_rounds[row],
+        q_mean=state.stats.q_mean(),
+        q_abs=state.stats.q_abs(),
+        q_pass=state.stats.q_pass_mean(),
+        omega=state.omega,
+        pairing=state.signature.pairing,
+        scale=float(state.signature.attention_scaling),
+        queries=None if cache.queries is None else cache.queries[:, rows],
+        attention=None if cache.attention is None else cache.attention[:, rows, :, :used],
+    )
 
 
-@compress.register_fake
-def _(ctrl, slot_pos, keys, values, slots, *args) -> None:
-    return None
+@torch.no_grad()
+def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, row: int = 0) -> torch.Tensor:
+    """Keep ``cache.budget`` slots per KV head of ``row``, chosen by ``policy`` on ``inputs`` (that row's
+    :func:`compaction_inputs`); returns the kept slot indices ``[X, 1, Hkv, budget]``."""
+    budget, rows = cache.budget, slice(row, row + 1)
+    idx = keep_slots(policy.scores(inputs), inputs.num_protected, policy.recent_window, budget)
+    for i, layer in enumerate(cache.layers):
+        layer_idx = idx[i if idx.shape[0] > 1 else 0]
+        gather_slots(layer.keys[rows], layer_idx)
+        gather_slots(layer.values[rows], layer_idx)
+        gather_slots(cache.slot_pos[i, rows], layer_idx)
+        if cache.attention is not None:
+            gather_slots(cache.attention[i, rows], layer_idx)
+    cache.slot_pos[:, row, :, budget:] = -1
+    if cache.attention is not None:
+        cache.attention[:, row, :, budget:] = 0
+    cache.ctrl[OCCUPIED, row] = budget  # a device write: no sync
+    cache.fill[row] = budget
+    cache.row_rounds[row] += 1
+    return idx

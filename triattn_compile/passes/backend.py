@@ -12,10 +12,20 @@ import logging
 from collections.abc import Callable
 
 from torch._dynamo.utils import counters
+from torch._guards import detect_fake_mode
 from torch.fx import GraphModule
 
+from triattn_compile.calibration.stats import TENSOR_NAMES
 from triattn_compile.passes.match import find_attention_sites
-from triattn_compile.passes.rewrite import add_inputs, insert_capture, insert_compress, mask_to_occupied_slots
+from triattn_compile.passes.rewrite import (
+    add_inputs,
+    insert_advance,
+    insert_attention_accumulate,
+    insert_capture,
+    insert_positions,
+    insert_query_record,
+    mask_to_occupied_slots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +48,23 @@ class TriAttentionBackend:
         if self.mode == "discover":
             return gm.forward
         capture = self.mode == "calibrate" or state.online
-        names = ["sum_re", "sum_im", "sum_abs", "count"]
+        names = list(TENSOR_NAMES)  # the statistics, in QueryStats.tensors() order
         if self.mode == "compress":
-            names += ["slot_pos", "omega"]
-        extra = add_inputs(gm.graph, names)
+            names += state.cache_input_names()
+        extra = dict(zip(names, add_inputs(gm.graph, names)))
+        stats = [extra[n] for n in TENSOR_NAMES]
         if capture:
-            insert_capture(gm.graph, sites, extra[:4])
+            insert_capture(gm.graph, sites, stats)
             counters["triattn"]["capture"] += len(sites)
         if self.mode == "compress":
             ctrl = state.find_ctrl(gm, example_inputs)
-            for site in sites:
-                mask_to_occupied_slots(gm.graph, site, state.capacity)
-            insert_compress(gm.graph, sites, ctrl, extra[4], extra[:4], extra[5], state.compress_options())
+            insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
+            masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"]) for site in sites]
+            if "queries" in extra:
+                insert_query_record(gm.graph, sites, extra["queries"])
+            if "attention" in extra:
+                insert_attention_accumulate(gm.graph, sites, extra["attention"], masks)
+            insert_advance(gm.graph, sites, ctrl)
             counters["triattn"]["compress"] += 1
         gm.graph.lint()
         gm.recompile()
@@ -59,7 +74,11 @@ class TriAttentionBackend:
         else:
             from torch._inductor.compile_fx import compile_fx
 
-            compiled = compile_fx(gm, [*example_inputs, *extra_values()])
+            # the extra inputs have no Dynamo source: fakify them with static shapes (a guard on a dynamic size of
+            # theirs, e.g. slot_pos broadcast against the batch in the mask, could not be expressed)
+            fake_mode = detect_fake_mode(example_inputs)
+            extra_fakes = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in extra_values()]
+            compiled = compile_fx(gm, [*example_inputs, *extra_fakes])
         log.debug("triattn %s graph: %d sites rewritten", self.mode, len(sites))
 
         def run(*args):

@@ -1,8 +1,11 @@
 """Read the RoPE angular frequencies ω_f and the attention scaling s of a matched rotary site.
 
-ω comes from the graph: the 1-D float input of width ``rotary_dim / 2`` that the cos/sin tables are computed from
-(``inv_freq``, with any llama3/YaRN/longrope scaling already folded in). s comes from evaluating the cos/sin nodes
-on the example inputs: ``s = sqrt(cos² + sin²)``.
+ω comes from the graph, in this order: (1) the 1-D float input of width ``rotary_dim / 2`` that the cos/sin tables
+are computed from (``inv_freq``, with any llama3/YaRN/longrope scaling already folded in); (2) the angles of the
+cos/sin (or complex ``freqs_cis``) values themselves on the discovery probe, whose positions are ``{0, 1}``: the
+angle at position 1 is ω (models that gather from a precomputed table, GPT-J, gpt-fast); (3) the ``fallback``
+(the model's ``inv_freq`` buffer, or the ω found on an earlier graph), logged at debug level. s comes from
+evaluating the cos/sin nodes on the example inputs: ``s = sqrt(cos² + sin²)`` (``|freqs_cis|`` for complex tables).
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ def evaluate(gm: GraphModule, targets: list[Node], example_inputs: list) -> list
     return [env[t] for t in targets]
 
 
+def _bands(table: torch.Tensor, pairing: str, layout: str, bands: int) -> torch.Tensor:
+    """The per-band columns of a cos/sin table ``[..., C]`` laid out like the rotated tensor (or one per band)."""
+    if layout == "complex":
+        return table[..., :bands]
+    return table[..., :bands] if pairing == "half" else table[..., 0 : 2 * bands : 2]
+
+
+def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout: str, bands: int):
+    """ω ``[F]`` from cos/sin values taken at positions {0, 1} only, else ``None`` (rows must be 0 or one ω row)."""
+    angle = torch.atan2(sin.double(), cos.double()) if layout == "real" else torch.angle(cos.to(torch.complex128))
+    rows = _bands(angle, pairing, layout, bands).reshape(-1, bands)
+    omega = rows[rows.abs().sum(-1).argmax()]
+    zero = rows.abs().amax(-1) < 1e-6
+    same = (rows - omega).abs().amax(-1) < 1e-5 * max(1.0, float(omega.abs().max()))
+    if not bool(zero.any()) or not bool((zero | same).all()) or not bool((omega > 0).all()):
+        return None
+    return omega
+
+
 def rotary_frequencies(
     gm: GraphModule, site: AttentionSite, example_inputs: list, fallback: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
@@ -52,13 +74,21 @@ def rotary_frequencies(
         if n in upstream and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 1
         and v.numel() == bands
     ]
+    cos, sin = evaluate(gm, [site.query.cos, site.query.sin], example_inputs)
+    layout = site.query.table
+    probe = None if len(found) == 1 else omega_from_probe(cos, sin, site.query.pairing, layout, bands)
     if len(found) == 1:
         omega = found[0].detach().double().cpu()
+    elif probe is not None:
+        log.debug("site %d: RoPE frequencies read from the cos/sin angles at positions 0 and 1", site.layer)
+        omega = probe.cpu()
     elif fallback is not None and fallback.numel() == bands:
-        log.debug("site %d: no frequency input in the graph; using the model's rotary module inv_freq", site.layer)
+        log.debug("site %d: no frequency input in the graph; using the fallback inv_freq", site.layer)
         omega = fallback.detach().double().cpu()
     else:
-        raise ValueError(f"attention site {site.layer} ({site.module}): cannot find the RoPE frequencies in the graph")
-    cos, sin = evaluate(gm, [site.query.cos, site.query.sin], example_inputs)
-    scale = float(torch.sqrt(cos.double() ** 2 + sin.double() ** 2).mean())
-    return omega, scale
+        raise ValueError(
+            f"attention site {site.layer} ({site.module}): cannot find the RoPE frequencies in the graph "
+            "(no inv_freq input and no cos/sin at positions 0 and 1); give the model an inv_freq buffer"
+        )
+    mag = torch.sqrt(cos.double() ** 2 + sin.double() ** 2) if layout == "real" else cos.abs().double()
+    return omega, float(mag.mean())

@@ -1,8 +1,10 @@
 """Find attention sites in a Dynamo graph by dataflow, never by module or class name.
 
-Anchor on each attention node (``scaled_dot_product_attention``); follow its query back through layout ops to the
-rotated query and match the rotary form there (``rotary.py``); follow its key/value back through ``repeat_kv``
-(index/expand/reshape) to the cache buffer and the ``index_copy_`` that writes the new token into it.
+Anchor on each attention node: ``scaled_dot_product_attention``, or the explicit form
+``matmul(q, kᵀ) [* scale] [+ mask] -> softmax -> matmul(·, v)`` (transformers ``attn_implementation="eager"``,
+GPT-J). Follow its query back through layout ops to the rotated query and match the rotary form there
+(``rotary.py``); follow its key/value back through ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) to the
+cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token into it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from triattn_compile.passes.rotary import RotaryMatch, match_rotary
+from triattn_compile.passes.rotary import ROTARY_FORM_NAMES, RotaryMatch, fake_value, match_rotary
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
-_LAYOUT_METHODS = {"contiguous", "to", "clone", "view", "reshape", "expand", "float", "type_as", "transpose"}
-_LAYOUT_FUNCS = {torch.reshape, torch.transpose, operator.getitem}
+SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
+MATMUL_TARGETS = (torch.matmul, operator.matmul, "matmul", torch.bmm)
+_SCALE_TARGETS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "__truediv__")
+_ADD_TARGETS = (operator.add, torch.add, "add")
+_DROPOUT = (F.dropout, "dropout")
+_LAYOUT_METHODS = {
+    "contiguous", "to", "clone", "view", "reshape", "expand", "float", "type_as", "transpose", "permute",
+    "repeat_interleave",
+}
+_LAYOUT_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.repeat_interleave, operator.getitem}
+_CAST_METHODS = ("contiguous", "to", "clone", "float", "type_as")
 
 
 class PatternNotFound(ValueError):
@@ -35,10 +46,13 @@ class AttentionSite:
     query: RotaryMatch
     head_axis: int  # axis of the heads in query.pre (head_dim is last)
     key_source: Node  # the attention's key before repeat_kv: [B, Hkv, S, D]
+    form: str = "sdpa"  # "sdpa" | "eager" (matmul -> softmax -> matmul)
+    softmax: Node | None = None  # eager form: the softmax node
+    mask_add: Node | None = None  # eager form: the ``scores + mask`` node, if any
     key: RotaryMatch | None = None
     key_buffer: Node | None = None
     value_buffer: Node | None = None
-    write_slots: Node | None = None  # [T] slots the new tokens were written to
+    write_slots: Node | None = None  # [B, T] (or [T]) slots the new tokens were written to
 
 
 def module_of(node: Node) -> str:
@@ -66,7 +80,10 @@ def _walk_layout(node: Node, head_axis: int, ndim: int = 4) -> tuple[Node, int]:
         if node.target in ("transpose", torch.transpose):
             i, j = (d % ndim for d in node.args[1:3])
             head_axis = j if head_axis == i else i if head_axis == j else head_axis
-        elif node.target not in ("contiguous", "to", "clone", "float", "type_as"):
+        elif node.target in ("permute", torch.permute):
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            head_axis = dims[head_axis] % ndim
+        elif node.target not in _CAST_METHODS:
             # a reshape/expand/index changes the layout in ways we do not track: stop at the last safe point
             return node, head_axis
         node = node.args[0]
@@ -80,12 +97,16 @@ def _walk_to_buffer(node: Node) -> Node:
     return node
 
 
+_WRITES = ("index_copy_", "scatter_")
+
+
 def _cache_write(buffer: Node) -> Node | None:
-    """The ``buffer.index_copy_(2, slots, new)`` that writes the current tokens into ``buffer``."""
-    if _is(buffer, "index_copy_"):
+    """The ``buffer.index_copy_(2, slots, new)`` or ``buffer.scatter_(2, slots[:, None, :, None].expand(...), new)``
+    that writes the current tokens into ``buffer``."""
+    if _is(buffer, *_WRITES):
         return buffer
     for user in buffer.users:
-        if _is(user, "index_copy_") and user.args[0] is buffer:
+        if _is(user, *_WRITES) and user.args[0] is buffer:
             return user
     return None
 
@@ -98,6 +119,75 @@ def _arg(node: Node, index: int, name: str):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
+_LINEAR = (torch._C._nn.linear, F.linear)
+
+
+def _unrotated(node: Node) -> RotaryMatch | None:
+    """A NoPE layer: the query (or key) is a plain linear projection, reshaped into heads, with no rotary at all."""
+    if _is(node, "view", "reshape", torch.reshape) and _is(node.args[0], *_LINEAR):
+        return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)")
+    return None
+
+
+def _is_scalar(x: object) -> bool:
+    """A Python number or a one-element tensor (a softmax scale such as GPT-J's ``scale_attn``)."""
+    if not isinstance(x, Node):
+        return isinstance(x, (int, float))
+    val = fake_value(x)
+    return isinstance(val, torch.Tensor) and val.numel() == 1
+
+
+def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | None:
+    """``softmax(matmul(q, kᵀ) [*/ scale] [+ mask])`` followed by ``matmul(·, v)`` -> ``(q, k, v, mask_add)``."""
+    node, mask_add = softmax.args[0], None
+    while isinstance(node, Node) and not _is(node, *MATMUL_TARGETS):
+        if _is(node, *_CAST_METHODS):
+            node = node.args[0]
+        elif _is(node, *_SCALE_TARGETS) and isinstance(node.args[0], Node) and _is_scalar(node.args[1]):
+            node = node.args[0]
+        elif _is(node, *_ADD_TARGETS) and mask_add is None and all(isinstance(a, Node) for a in node.args[:2]):
+            scores = [a for a in node.args[:2] if computes_scores(a)]
+            if len(scores) != 1:
+                return None
+            mask_add, node = node, scores[0]
+        else:
+            return None
+    if not isinstance(node, Node):
+        return None
+    q, kt = node.args[:2]
+    out, frontier = None, [softmax]  # softmax [-> cast] [-> dropout] -> matmul(probs, v)
+    while frontier and out is None:
+        probs = frontier.pop()
+        for user in probs.users:
+            if _is(user, *MATMUL_TARGETS) and user.args[0] is probs:
+                out = user
+            elif _is(user, *_CAST_METHODS, *_DROPOUT):
+                frontier.append(user)
+    if out is None or not _is(kt, "transpose", torch.transpose):
+        return None
+    return q, kt.args[0], out.args[1], mask_add
+
+
+def computes_scores(node: Node, depth: int = 6) -> bool:
+    """Whether a matmul is among ``node``'s nearest ancestors: the attention scores, as opposed to the mask."""
+    frontier = [node]
+    for _ in range(depth + 1):
+        if any(_is(n, *MATMUL_TARGETS) for n in frontier):
+            return True
+        frontier = [i for n in frontier for i in n.all_input_nodes]
+    return False
+
+
+def _attention_nodes(graph: Graph):
+    """``(anchor, q, k, v, form, softmax, mask_add)`` for every attention computation, in graph order."""
+    for node in graph.nodes:
+        if _is(node, *SDPA_TARGETS):
+            yield node, _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value"), "sdpa", None, None
+        elif _is(node, *SOFTMAX_TARGETS) and (found := _eager_attention(node)) is not None:
+            q, k, v, mask_add = found
+            yield node, q, k, v, "eager", node, mask_add
+
+
 def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
     """All attention sites in graph order (= layer order).
 
@@ -107,22 +197,22 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
         PatternNotFound: a site whose rotary embedding (or cache write) is not recognised, or no site at all.
     """
     sites = []
-    for node in graph.nodes:
-        if not _is(node, *SDPA_TARGETS):
-            continue
+    for node, q_arg, k_arg, v_arg, form, softmax, mask_add in _attention_nodes(graph):
         where = f"attention site {len(sites)} ({module_of(node)})"
-        q_post, head_axis = _walk_layout(_arg(node, 0, "query"), head_axis=1)
-        query = match_rotary(q_post)
+        q_post, head_axis = _walk_layout(q_arg, head_axis=1)
+        query = match_rotary(q_post) or _unrotated(q_post)
         if query is None:
             raise PatternNotFound(
                 f"{where}: no rotary embedding recognised on the query (node {q_post.name}); "
-                "supported forms: rotate-half, partial rotary"
+                f"supported forms: {', '.join(ROTARY_FORM_NAMES)}"
             )
-        key_source = _walk_to_buffer(_arg(node, 1, "key"))
-        site = AttentionSite(len(sites), module_of(node), node, query, head_axis, key_source)
+        key_source = _walk_to_buffer(k_arg)
+        site = AttentionSite(
+            len(sites), module_of(node), node, query, head_axis, key_source, form, softmax, mask_add, q_arg
+        )
         if need_cache:
             site.key_buffer = key_source
-            site.value_buffer = _walk_to_buffer(_arg(node, 2, "value"))
+            site.value_buffer = _walk_to_buffer(v_arg)
             kw, vw = _cache_write(site.key_buffer), _cache_write(site.value_buffer)
             if kw is None or vw is None:
                 raise PatternNotFound(
@@ -130,14 +220,15 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                     "`past_key_values` to its attention layers"
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
-            site.write_slots = kw.args[2]
-            site.key = match_rotary(_walk_layout(kw.args[3], head_axis=1)[0])
+            site.write_slots = _walk_to_buffer(kw.args[2])  # scatter_: back through [:, None, :, None].expand
+            k_post = _walk_layout(kw.args[3], head_axis=1)[0]
+            site.key = match_rotary(k_post) or _unrotated(k_post)
             if site.key is None or site.key.pairing != query.pairing or site.key.rotary_dim != query.rotary_dim:
                 raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({kw.args[3].name})")
         sites.append(site)
     if not sites:
         raise PatternNotFound(
-            "no attention node found in the traced model: expected scaled_dot_product_attention "
-            "(load the model with attn_implementation='sdpa')"
+            "no attention node found in the traced model: expected scaled_dot_product_attention or "
+            "matmul -> softmax -> matmul (load the model with attn_implementation='sdpa' or 'eager')"
         )
     return sites

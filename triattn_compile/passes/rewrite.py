@@ -2,19 +2,22 @@
 
 Guarantees: while the sequence fits in the cache, the rewritten graph computes exactly what the original computes
 over the occupied slots; it adds (1) ``triattn::capture_queries`` on each site's pre-RoPE query when calibrating,
-(2) an attention mask over the occupied slots of the compressed cache (slot ``s`` is visible to the query written
-at slot ``t`` iff ``s <= t``), and (3) one ``triattn::compress`` call after the last attention node.
+(2) ``triattn::record_positions`` before the first attention node and an attention mask ``[B, H, T, C]`` over the
+compressed cache by position (slot ``s`` of row ``b`` is visible to the row's query at position ``q`` iff
+``0 <= slot_pos[b, s] <= q``, and always to the query written there), so padding is never seen and each row of a
+batch attends to its own slots, (3) one ``triattn::advance`` call after the last attention node, and (4) when the
+eviction policy needs live queries, ops that record them (``triattn::record_queries``,
+``triattn::accumulate_attention``, ``kernels/observe.py``).
 New state enters as extra graph inputs appended after the existing placeholders.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import Graph, Node
 
-from triattn_compile.passes.match import AttentionSite
+from triattn_compile.cache import PAD, SEEN
+from triattn_compile.passes.match import AttentionSite, computes_scores
 from triattn_compile.passes.rotary import fake_value
 
 
@@ -39,12 +42,55 @@ def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) 
             )
 
 
-def mask_to_occupied_slots(graph: Graph, site: AttentionSite, capacity: int) -> None:
-    """Replace the site's attention mask with ``slot <= write_slot`` over the cache's ``capacity`` slots."""
+def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor, layer: int) -> torch.Tensor:
+    """``[B, Hkv, T, C]`` bool: what each query of the step sees in layer ``layer`` (traced into the graph).
+
+    ``slot_pos`` already holds the step's positions (``triattn::record_positions``); a row's query ``t`` is at
+    position ``fed + t - pad``; a padding query (negative position) sees only its own slot.
+    """
+    slot_pos = slot_pos[layer]  # [B, Hkv, C]
+    slots = slots.expand(slot_pos.shape[0], -1) if slots.dim() == 1 else slots  # [B, T]
+    query_pos = ctrl[SEEN][:, None] + torch.arange(slots.shape[-1], device=slots.device) - ctrl[PAD][:, None]
+    pos = slot_pos[:, :, None, :]  # [B, Hkv, 1, C]
+    visible = (pos >= 0) & (pos <= query_pos[:, None, :, None])
+    own = torch.arange(slot_pos.shape[-1], device=slots.device) == slots[:, None, :, None]  # [B, 1, T, C]
+    return visible | own
+
+
+def expand_heads(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, Hkv, T, C]`` -> ``[B, H, T, C]``, query head ``h`` reading KV head ``h // (H / Hkv)`` (as repeat_kv)."""
+    b, hkv, t, c = mask.shape
+    return mask[:, :, None].expand(b, hkv, num_heads // hkv, t, c).reshape(b, num_heads, t, c)
+
+
+def insert_positions(graph: Graph, sites: list[AttentionSite], ctrl: Node, slot_pos: Node) -> None:
+    """``triattn::record_positions`` before the first attention node (every mask reads the step's positions)."""
+    with graph.inserting_before(sites[0].attn):
+        graph.call_function(torch.ops.triattn.record_positions.default, (ctrl, slot_pos, sites[0].write_slots))
+
+
+def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_pos: Node) -> Node:
+    """Replace the site's attention mask with :func:`occupied_slots` (expanded to the query heads); returns the
+    ``[B, Hkv, T, C]`` mask node.
+
+    SDPA: the mask argument is replaced and ``is_causal`` cleared. Eager form: the model's ``scores + mask`` is
+    bypassed and the softmax input becomes ``scores.masked_fill(~mask, -inf)`` (every row sees its own slot).
+    """
+    heads = int(fake_value(_query_operand(site)).shape[1])
     with graph.inserting_before(site.attn):
-        slots = graph.call_function(torch.arange, (capacity,), {"device": fake_value(site.key_buffer).device})
-        query_slots = graph.call_function(operator.getitem, (site.write_slots, (slice(None), None)))
-        mask = graph.call_function(operator.le, (slots, query_slots))  # [T, C] bool
+        kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer))
+        mask = graph.call_function(expand_heads, (kv_mask, heads))  # [B, H, T, C] bool
+    if site.form == "eager":
+        if site.mask_add is not None:
+            scores = next(a for a in site.mask_add.args[:2] if a is not _mask_operand(site.mask_add))
+            site.mask_add.replace_all_uses_with(scores)
+            graph.erase_node(site.mask_add)
+            site.mask_add = None
+        with graph.inserting_before(site.attn):
+            hidden = graph.call_function(torch.logical_not, (mask,))
+            masked = graph.call_method("masked_fill", (site.attn.args[0], hidden, float("-inf")))
+        site.attn.args = (masked, *site.attn.args[1:])
+        return kv_mask
     args = list(site.attn.args)
     kwargs = dict(site.attn.kwargs)
     if len(args) > 3:
@@ -55,24 +101,50 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, capacity: int) -> 
         args[5] = False
     kwargs["is_causal"] = False
     site.attn.args, site.attn.kwargs = tuple(args), kwargs
+    return kv_mask
 
 
-def insert_compress(
-    graph: Graph,
-    sites: list[AttentionSite],
-    ctrl: Node,
-    slot_pos: Node,
-    stats: list[Node],
-    omega: Node,
-    options: tuple,
-) -> Node:
-    """Append ``triattn::compress`` after the last attention node (all layers have written the new tokens)."""
-    keys = [s.key_buffer for s in sites]
-    values = [s.value_buffer for s in sites]
+def _mask_operand(add: Node) -> Node:
+    """The operand of ``scores + mask`` that is not computed by a matmul (the mask)."""
+    for a in add.args[:2]:
+        if not computes_scores(a):
+            return a
+    raise ValueError(f"cannot tell the mask from the scores in {add.name}")
+
+
+def insert_advance(graph: Graph, sites: list[AttentionSite], ctrl: Node) -> Node:
+    """Append ``triattn::advance`` after the last attention node (all layers have written the new tokens)."""
     with graph.inserting_after(sites[-1].attn):
-        return graph.call_function(
-            torch.ops.triattn.compress.default,
-            (ctrl, slot_pos, keys, values, sites[0].write_slots, *stats, omega, *options),
-        )
+        return graph.call_function(torch.ops.triattn.advance.default, (ctrl, sites[0].write_slots))
 
 
+def _query_operand(site: AttentionSite) -> Node:
+    """The attention's post-RoPE query ``[B, H, T, D]``: SDPA's first argument, or ``q`` of the eager form's
+    ``matmul(q, kᵀ)`` (whose softmax takes the scores, not the query)."""
+    if site.form != "eager":
+        return site.attn.args[0]
+    from triattn_compile.passes.match import MATMUL_TARGETS, _is
+
+    node = site.softmax.args[0]  # masked_fill / casts / scale, then the matmul
+    while not _is(node, *MATMUL_TARGETS):
+        node = node.args[0]
+    return node.args[0]
+
+
+def insert_query_record(graph: Graph, sites: list[AttentionSite], ring: Node) -> None:
+    """Keep each layer's last W post-RoPE queries (the attention's query input, ``[B, H, T, D]``) in ``ring``."""
+    for site in sites:
+        with graph.inserting_before(site.attn):
+            graph.call_function(torch.ops.triattn.record_queries.default, (_query_operand(site), ring, site.layer))
+
+
+def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: Node, masks: list[Node]) -> None:
+    """Add each step's attention probabilities per slot (summed over the step's queries and each GQA group) over the
+    slots each query sees (``masks``: the ``[B, Hkv, T, C]`` nodes of :func:`mask_to_occupied_slots`)."""
+    for site, visible in zip(sites, masks):
+        scale = site.attn.kwargs.get("scale")
+        with graph.inserting_before(site.attn):
+            graph.call_function(
+                torch.ops.triattn.accumulate_attention.default,
+                (_query_operand(site), site.key_buffer, acc, visible, site.layer, scale),
+            )

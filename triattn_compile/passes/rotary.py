@@ -3,6 +3,14 @@
 Each form is a row of :data:`ROTARY_FORMS`: a matcher that, given the node that produces a rotated tensor
 (``x_post``), returns a :class:`RotaryMatch` (the pre-RoPE tensor, the cos/sin nodes, the pairing and the rotary
 width) or ``None``. Adding a form means adding a row.
+
+* rotate-half (pairing "half"; Llama, Qwen, Mistral): ``x*cos + cat(-x[..., h:], x[..., :h])*sin``.
+* rotate-every-two (pairing "interleaved"; GPT-J, Cohere, GLM):
+  ``x*cos + stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2)*sin``.
+* complex (pairing "interleaved"; Meta reference, gpt-fast):
+  ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs_cis).flatten(-2)``.
+* partial (pairing of the inner form; GPT-NeoX, Phi, GLM): ``cat(rope(x[..., :r]), x[..., r:])``. Trailing rotary
+  dims (``cat(x[..., :p], rope(x[..., p:]))``, MLA) are not recognised yet.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ class RotaryMatch:
     pairing: str
     rotary_dim: int
     form: str
+    table: str = "real"  # "real": cos/sin laid out like x (per pairing); "complex": cos is sin is e^{iωt} [..., F]
 
 
 def _is(node: object, *targets) -> bool:
@@ -36,6 +45,9 @@ _ADD = (operator.add, torch.add, "add")
 _MUL = (operator.mul, torch.mul, "mul")
 _NEG = (operator.neg, torch.neg, "neg")
 _CAT = (torch.cat, "cat")
+_STACK = (torch.stack, "stack")
+_FLATTEN = (torch.flatten, "flatten")
+_CASTS = {"float", "to", "type_as", "contiguous"}
 
 
 def fake_value(node: Node):
@@ -48,15 +60,63 @@ def _last_dim(node: Node) -> int | None:
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
 
 
-def _slice_last(node: object) -> tuple[Node, int | None, int | None] | None:
-    """``x[..., a:b]`` -> ``(x, a, b)``."""
+def _last_slice(node: object) -> tuple[Node, slice] | None:
+    """``x[..., s]`` or ``x[:, :, :, s]`` (a slice of the last axis only) -> ``(x, s)``."""
     if not _is(node, operator.getitem):
         return None
     base, idx = node.args
-    if isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):
-        if idx[1].step in (None, 1):
-            return base, idx[1].start, idx[1].stop
+    val = fake_value(base)
+    if not isinstance(idx, tuple) or not idx or not isinstance(idx[-1], slice) or not isinstance(val, torch.Tensor):
+        return None
+    lead = idx[:-1]
+    full = lambda i: isinstance(i, slice) and i == slice(None)
+    if (len(lead) == 1 and lead[0] is Ellipsis) or (len(lead) == val.dim() - 1 and all(map(full, lead))):
+        return base, idx[-1]
     return None
+
+
+def _slice_last(node: object) -> tuple[Node, int | None, int | None] | None:
+    """``x[..., a:b]`` -> ``(x, a, b)``."""
+    found = _last_slice(node)
+    if found is not None and found[1].step in (None, 1):
+        return found[0], found[1].start, found[1].stop
+    return None
+
+
+def _strided_last(node: object) -> tuple[Node, int] | None:
+    """``x[..., o::2]`` -> ``(x, o)`` for o in (0, 1)."""
+    found = _last_slice(node)
+    if found is None or found[1].step != 2 or found[1].stop is not None or found[1].start not in (None, 0, 1):
+        return None
+    return found[0], found[1].start or 0
+
+
+def _dim_arg(node: Node, index: int, default: int = 0) -> int:
+    return node.args[index] if len(node.args) > index else node.kwargs.get("dim", default)
+
+
+def _flattens_last_two(node: Node) -> bool:
+    """``y.flatten(-2)`` (or ``flatten(y, ndim - 2)``, ``flatten(-2, -1)``): merges the last two axes only."""
+    ndim = fake_value(node.args[0]).dim()
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start % ndim == ndim - 2 and end % ndim == ndim - 1
+
+
+def _rotate_every_two_of(node: object) -> Node | None:
+    """``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` -> ``x``."""
+    if not _is(node, *_FLATTEN) or not _flattens_last_two(node):
+        return None
+    stack = node.args[0]
+    if not _is(stack, *_STACK) or _dim_arg(stack, 1) not in (-1, fake_value(stack).dim() - 1):
+        return None
+    parts = stack.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not _is(parts[0], *_NEG):
+        return None
+    odd, even = _strided_last(parts[0].args[0]), _strided_last(parts[1])
+    if odd is None or even is None or odd[0] is not even[0] or (odd[1], even[1]) != (1, 0):
+        return None
+    return even[0]
 
 
 def _rotate_half_of(node: object) -> Node | None:
@@ -82,7 +142,8 @@ def _mul_pairs(node: Node) -> list[tuple[Node, Node]]:
 
 
 def match_rotate_half(post: Node) -> RotaryMatch | None:
-    """``x * cos + rotate_half(x) * sin`` (Llama, Qwen, Mistral, ...)."""
+    """``x * cos + rotate(x) * sin`` with ``rotate`` = rotate-half (Llama, Qwen, Mistral, ...: pairing "half") or
+    rotate-every-two (GPT-J, Cohere, GLM: pairing "interleaved")."""
     if not _is(post, *_ADD) or len(post.args) < 2 or not all(_is(a, *_MUL) for a in post.args[:2]):
         return None
     for m1, m2 in ((post.args[0], post.args[1]), (post.args[1], post.args[0])):
@@ -90,6 +151,36 @@ def match_rotate_half(post: Node) -> RotaryMatch | None:
             for rot, sin in _mul_pairs(m2):
                 if _rotate_half_of(rot) is x:
                     return RotaryMatch(x, post, cos, sin, "half", _last_dim(x), "rotate_half")
+                if _rotate_every_two_of(rot) is x:
+                    return RotaryMatch(x, post, cos, sin, "interleaved", _last_dim(x), "rotate_every_two")
+    return None
+
+
+def _strip_casts(node: object) -> object:
+    while _is(node, *_CASTS) and node.op == "call_method":
+        node = node.args[0]
+    return node
+
+
+def match_complex(post: Node) -> RotaryMatch | None:
+    """``view_as_real(view_as_complex(x.reshape(..., F, 2)) * freqs_cis).flatten(-2)`` (Meta reference, gpt-fast):
+    interleaved pairs, ``freqs_cis = e^{iωt}`` complex ``[..., F]``."""
+    if not _is(post, *_FLATTEN, "reshape", "view") or (_is(post, *_FLATTEN) and not _flattens_last_two(post)):
+        return None
+    real = post.args[0]
+    if not _is(real, torch.view_as_real) or not _is(real.args[0], *_MUL):
+        return None
+    for z, freqs in _mul_pairs(real.args[0]):
+        if not _is(z, torch.view_as_complex):
+            continue
+        pairs = _strip_casts(z.args[0])
+        if not _is(pairs, "reshape", "view", torch.reshape):
+            continue
+        x = _strip_casts(pairs.args[0])
+        shape, x_shape = fake_value(pairs).shape, fake_value(x).shape
+        same = tuple(fake_value(post).shape) == tuple(x_shape)
+        if same and tuple(shape[:-2]) == tuple(x_shape[:-1]) and shape[-1] == 2 and 2 * shape[-2] == x_shape[-1]:
+            return RotaryMatch(x, post, freqs, freqs, "interleaved", int(x_shape[-1]), "complex", table="complex")
     return None
 
 
@@ -100,15 +191,22 @@ def match_partial(post: Node) -> RotaryMatch | None:
     parts = post.args[0]
     if not isinstance(parts, (list, tuple)) or len(parts) != 2:
         return None
-    inner = match_full(parts[0])
-    rot_src, rest = _slice_last(inner.pre) if inner else None, _slice_last(parts[1])
+    inner = match_full(_strip_casts(parts[0]))
+    rot_src, rest = _slice_last(_strip_casts(inner.pre)) if inner else None, _slice_last(_strip_casts(parts[1]))
     if inner is None or rot_src is None or rest is None or rot_src[0] is not rest[0]:
         return None
-    return RotaryMatch(rot_src[0], post, inner.cos, inner.sin, inner.pairing, inner.rotary_dim, "partial")
+    if rot_src[1] not in (None, 0) or rot_src[2] != inner.rotary_dim or rest[1] != inner.rotary_dim:
+        return None
+    return RotaryMatch(
+        rot_src[0], post, inner.cos, inner.sin, inner.pairing, inner.rotary_dim, "partial", table=inner.table
+    )
 
 
-FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half]
+FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex]
 ROTARY_FORMS: list[Callable[[Node], RotaryMatch | None]] = [*FULL_FORMS, match_partial]
+ROTARY_FORM_NAMES = (
+    "rotate-half", "rotate-every-two", "complex freqs_cis", "partial (leading dims)", "none (NoPE: a plain projection)"
+)
 
 
 def match_full(post: Node) -> RotaryMatch | None:

@@ -8,7 +8,27 @@ This module is the test oracle and the CPU path. Two forms of the same score:
   ``cos/sin(ω_f t)``, the mean over offsets folds into one complex weight per band and round,
   ``W_f = mean_δ exp(i ω_f (t0 + δ))``, so the trig term is a dot product of each key with a per-round vector.
 
-Shapes: B batch, H query heads, Hkv KV heads (G = H / Hkv), N keys, D head_dim, F rotary bands, L layers.
+Shapes: B batch, H query heads, Hkv KV heads (G = H / Hkv), N keys, D head_dim, F rotary bands, L layers,
+P = D - 2F pass-through (non-rotary) dims.
+
+**Pass-through dims** (partial rotary: GPT-NeoX, Phi, GLM; NoPE parts; MLA). Split a head as
+``q = [q_rot (2F dims) ; q_pass (P dims)]``, likewise ``k``. RoPE rotates only the first part, so
+
+    q(t)·k(p) = Σ_f s² Re(q_f conj(k_f) e^{iω_f (t-p)})  +  Σ_d q_pass,d k_pass,d .
+
+TriAttention replaces the future query by its calibrated statistics. For the rotary bands that gives S_trig + S_norm
+(§1.3–1.4). The pass-through part does not depend on Δ = t - p, so its expectation over queries is exactly
+``Σ_d q̄_pass,d k_pass,d`` with ``q̄_pass = E[q_pass]`` (linear: no approximation), and the mean over the future
+offsets leaves it unchanged. It is not multiplied by s² (the attention scaling only scales cos/sin). It adds to the
+score of every query head before the z-score; without it, a partial-rotary model is ranked on its rotary dims only.
+(No norm term is added for these dims: the paper's S_norm is a per-band heuristic for the rotating fluctuation.)
+A NoPE layer is the case F = 0 (its q̄/E|q| bands are zero): its whole head is pass-through, ``q̄ · k``.
+
+**MLA** (DeepSeek-V2/V3): ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with ``k_pe`` (rotated, one per token,
+shared by all heads) and ``k_nope = W_UK c_kv`` (per head, from the latent ``c_kv``). The same split gives the
+non-rotary term ``q̄_nope · k_nope = (W_UKᵀ q̄_nope) · c_kv``: with the absorbed projection the term can be scored
+on the latent cache directly, one dot product per head with the folded query centre ``W_UKᵀ q̄_nope``. (Layouts put
+the rotary dims last there; the pass recognises only leading rotary dims so far, see ``passes/rotary.py``.)
 """
 
 from __future__ import annotations
@@ -50,19 +70,22 @@ def from_complex_pairs(z: torch.Tensor, pairing: str) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, omega: torch.Tensor, pairing: str, scale: float = 1.0):
-    """Rotate ``x[..., N, D]`` to absolute ``positions[..., N]`` (complex form; ``scale`` = attention scaling)."""
+    """Rotate ``x[..., N, D]`` to absolute ``positions[..., N]`` (complex form; ``scale`` = attention scaling).
+    The first ``2 * len(omega)`` dims rotate; the rest pass through unchanged (partial rotary)."""
     angle = positions.to(torch.float64)[..., None] * omega.to(torch.float64)
     rot = torch.polar(torch.full_like(angle, scale), angle)
-    z = to_complex_pairs(x.to(torch.float64), pairing) * rot
-    return from_complex_pairs(z, pairing).to(x.dtype)
+    r = 2 * omega.shape[-1]
+    z = to_complex_pairs(x.to(torch.float64), pairing, r) * rot
+    return torch.cat([from_complex_pairs(z, pairing).to(x.dtype), x[..., r:]], dim=-1)
 
 
 def invert_rope(x: torch.Tensor, positions: torch.Tensor, omega: torch.Tensor, pairing: str, scale: float = 1.0):
-    """Undo :func:`apply_rope` (divides by ``scale``, rotates back by ``ω p``)."""
+    """Undo :func:`apply_rope` (divides the rotary dims by ``scale``, rotates them back by ``ω p``)."""
     angle = positions.to(torch.float64)[..., None] * omega.to(torch.float64)
     rot = torch.polar(torch.full_like(angle, 1.0 / scale), -angle)
-    z = to_complex_pairs(x.to(torch.float64), pairing) * rot
-    return from_complex_pairs(z, pairing).to(x.dtype)
+    r = 2 * omega.shape[-1]
+    z = to_complex_pairs(x.to(torch.float64), pairing, r) * rot
+    return torch.cat([from_complex_pairs(z, pairing).to(x.dtype), x[..., r:]], dim=-1)
 
 
 def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -83,8 +106,9 @@ def naive_score_prerope(
     use_trig: bool = True,
     use_norm: bool = True,
     mlr: bool = True,
+    q_pass: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Paper form of S̃ = mean_δ [S_trig(k, Δ0 + δ)] + S_norm(k), evaluated offset by offset.
+    """Paper form of S̃ = mean_δ [S_trig(k, Δ0 + δ)] + S_norm(k) [+ q̄_pass·k_pass], evaluated offset by offset.
 
     Args:
         keys_pre: pre-RoPE keys (RoPE inverted, already divided by the attention scaling) ``[B, Hkv, N, D]``.
@@ -93,11 +117,12 @@ def naive_score_prerope(
         q_mean: complex query centre q̄ ``[H, F]``. q_abs: E|q_f| ``[H, F]``. omega: ``[F]``.
         offsets: ``[O]`` future offsets. scale: attention scaling s (each band is weighted by s²).
         use_trig / use_norm / mlr: ablations (no S_trig, no S_norm, S_norm without the (1 - R) weight).
+        q_pass: mean of the pass-through query dims ``[H, P]`` (partial rotary; ``None`` or P = 0: no term).
     Returns:
         ``[B, H, N]`` float64 scores per query head.
     """
-    H = q_mean.shape[0]
-    k = _expand_kv(to_complex_pairs(keys_pre.to(torch.float64), pairing), H)  # [B, H, N, F]
+    H, F = q_mean.shape
+    k = _expand_kv(to_complex_pairs(keys_pre.to(torch.float64), pairing, 2 * F), H)  # [B, H, N, F]
     qm = q_mean.to(torch.complex128)[None, :, None, :]
     s2 = float(scale) ** 2
     score = torch.zeros(k.shape[:-1], dtype=torch.float64, device=k.device)
@@ -113,6 +138,9 @@ def naive_score_prerope(
     if use_norm:
         weight = q_abs.to(torch.float64) - (qm.abs()[0, :, 0] if mlr else 0.0)  # [H, F]
         score += (s2 * weight[None, :, None, :] * k.abs()).sum(-1)
+    if q_pass is not None and q_pass.shape[-1]:
+        k_pass = _expand_kv(keys_pre[..., 2 * F :].to(torch.float64), H)  # [B, H, N, P]
+        score += (k_pass * q_pass.to(torch.float64)[None, :, None, :]).sum(-1)
     return score
 
 
@@ -153,26 +181,48 @@ def score_postrope(
     use_trig: bool = True,
     use_norm: bool = True,
     mlr: bool = True,
+    q_pass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same score as :func:`naive_score_prerope`, from rotated keys and without key positions (§1.8).
 
     ``Re(q̄ conj(k_rot) e^{iωt})`` averaged over t = round_start + δ equals ``Re(conj(k_rot) · q̄ W)``; rotated keys
     carry the factor s once, so multiplying by s reproduces the paper's s² weighting.
 
+    The pass-through term ``q̄_pass · k_pass`` is the same in both forms (those dims are not rotated or scaled).
+
     Args:
-        keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (any float dtype).
+        keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (any float dtype); the first 2F dims rotate.
+        q_pass: mean of the pass-through query dims ``[H, D - 2F]`` (``None`` or empty: no term).
     Returns:
         ``[B, H, N]`` float32 scores.
     """
-    H = q_mean.shape[0]
-    k = to_complex_pairs(keys_rot, pairing)  # [B, Hkv, N, F] complex64
+    H, F = q_mean.shape
+    k = to_complex_pairs(keys_rot, pairing, 2 * F)  # [B, Hkv, N, F] complex64
     B, Hkv, N, F = k.shape
     u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
     u, w = u.to(k.device).view(Hkv, H // Hkv, F), w.to(k.device).view(Hkv, H // Hkv, F)
     # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
     score = torch.einsum("bhnf,hgf->bhgn", k.real, u.real) + torch.einsum("bhnf,hgf->bhgn", k.imag, u.imag)
     score = score + torch.einsum("bhnf,hgf->bhgn", k.abs(), w)
-    return (score * float(scale)).reshape(B, H, N)
+    score = (score * float(scale)).reshape(B, H, N)
+    return score if q_pass is None else score + score_pass_through(keys_rot, q_pass)
+
+
+def score_pass_through(keys: torch.Tensor, q_pass: torch.Tensor) -> torch.Tensor:
+    """The position-independent term ``q̄_pass · k_pass`` of the pass-through (non-rotary) dims, the last P dims.
+
+    Args:
+        keys: keys ``[B, Hkv, N, D]`` (pre- or post-RoPE: these dims are not rotated). q_pass: ``[H, P]``.
+    Returns:
+        ``[B, H, N]`` float32 (zeros when P = 0).
+    """
+    B, Hkv, N, _ = keys.shape
+    H, P = q_pass.shape
+    if P == 0:
+        return keys.new_zeros(B, H, N, dtype=torch.float32)
+    k_pass = keys[..., keys.shape[-1] - P :].float()  # [B, Hkv, N, P]
+    q = q_pass.float().to(keys.device).view(Hkv, H // Hkv, P)
+    return torch.einsum("bhnd,hgd->bhgn", k_pass, q).reshape(B, H, N)
 
 
 def zscore(scores: torch.Tensor, candidates: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""Rotary forms are recognised by their arithmetic (and near-misses are not); the pass-through (non-rotary) term of
+partial rotary is scored identically in the pre- and post-RoPE forms; the capture op records interleaved bands and
+pass-through means exactly as an independent hook sees them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import triattn_compile as tc
+from triattn_compile.kernels.scoring.naive import (
+    PAIRINGS,
+    apply_rope,
+    geometric_offsets,
+    naive_score_prerope,
+    score_pass_through,
+    score_postrope,
+)
+from triattn_compile.passes.rotary import match_rotary
+
+
+def _graph_of(fn, *args):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0].graph
+
+
+def _matches(fn):
+    x, cos, sin = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    graph = _graph_of(fn, x, cos, sin)
+    output = next(n for n in graph.nodes if n.op == "output").args[0][0]
+    return match_rotary(output)
+
+
+def _every_two(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def _rope_every_two(x, cos, sin):
+    return x * cos + _every_two(x) * sin
+
+
+FORMS = {
+    "rotate-half": (lambda x, c, s: x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s, "half", 8),
+    "rotate-every-two": (lambda x, c, s: x * c + _every_two(x) * s, "interleaved", 8),
+    "partial": (lambda x, c, s: torch.cat((_rope_every_two(x[..., :4], c[..., :4], s[..., :4]), x[..., 4:]), -1),
+                "interleaved", 4),
+    "complex": (lambda x, c, s: torch.view_as_real(
+        torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * torch.polar(c[..., :4], s[..., :4])
+    ).flatten(3), "interleaved", 8),
+}
+NEAR_MISSES = {
+    "swapped signs": lambda x, c, s: x * c + torch.stack((x[..., 1::2], -x[..., ::2]), dim=-1).flatten(-2) * s,
+    "wrong half": lambda x, c, s: x * c + torch.cat((-x[..., 2:], x[..., :2]), -1) * s,
+    "other tensor rotated": lambda x, c, s: x * c + _every_two(x + 1) * s,
+    "pass-through first": lambda x, c, s: torch.cat((x[..., :4], _rope_every_two(x[..., 4:], c[..., 4:], s[..., 4:])),
+                                                    -1),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_form_is_recognised(form):
+    fn, pairing, rotary_dim = FORMS[form]
+    m = _matches(fn)
+    assert m is not None and (m.pairing, m.rotary_dim) == (pairing, rotary_dim)
+    assert m.pre.op == "placeholder" or m.pre.args[0].op == "placeholder"  # the pre-RoPE tensor is x (or x.float())
+
+
+@pytest.mark.parametrize("form", NEAR_MISSES)
+def test_near_miss_is_not_a_rotary(form):
+    assert _matches(NEAR_MISSES[form]) is None
+
+
+def _partial_setup(D=24, r=16, G=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    F, Hkv = r // 2, 2
+    omega = 10000.0 ** (-torch.arange(F, dtype=torch.float64) * 2 / r)
+    keys_pre = torch.randn(1, Hkv, 150, D, generator=g, dtype=torch.float64)
+    positions = torch.randint(0, 5000, (1, Hkv, 150), generator=g)
+    q_mean = torch.complex(torch.randn(Hkv * G, F, generator=g, dtype=torch.float64),
+                           torch.randn(Hkv * G, F, generator=g, dtype=torch.float64))
+    q_abs = q_mean.abs() + torch.rand(Hkv * G, F, generator=g, dtype=torch.float64)
+    q_pass = 3 * torch.randn(Hkv * G, D - r, generator=g, dtype=torch.float64)
+    return keys_pre, positions, q_mean, q_abs, q_pass, omega
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("scale", [1.0, 1.2])
+def test_pass_through_term_equal_in_both_forms(pairing, scale):
+    keys_pre, positions, q_mean, q_abs, q_pass, omega = _partial_setup()
+    offsets = geometric_offsets()
+    pre = naive_score_prerope(keys_pre, positions, 5100, q_mean, q_abs, omega, pairing, offsets, scale, q_pass=q_pass)
+    keys_rot = apply_rope(keys_pre, positions, omega, pairing, scale).float()
+    assert torch.equal(keys_rot[..., 16:], keys_pre[..., 16:].float())  # pass-through dims are not rotated
+    post = score_postrope(keys_rot, 5100, q_mean, q_abs, omega, pairing, offsets, scale, q_pass=q_pass)
+    assert (post.double() - pre).abs().max() / pre.abs().max() < 1e-5
+    without = score_postrope(keys_rot, 5100, q_mean, q_abs, omega, pairing, offsets, scale)
+    assert (post - without).abs().max() / post.abs().max() > 0.1  # the term matters
+
+
+def test_pass_through_term_is_the_expected_logit():
+    """Σ_d q̄_d k_d is exactly the mean over queries of their pass-through logits (linearity: no approximation)."""
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(500, 4, 8, generator=g, dtype=torch.float64)  # [n, H, P]
+    keys = torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64)  # [B, Hkv, N, P]
+    expected = torch.einsum("qhp,bhnp->qbhn", queries, keys.repeat_interleave(2, dim=1)).mean(0)
+    torch.testing.assert_close(score_pass_through(keys, queries.mean(0)).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _tiny(config_cls, model_cls, **extra):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, **extra)
+    config._attn_implementation = "sdpa"
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["phi (partial, half)", "cohere (interleaved)", "smollm3 (NoPE layer 1)"])
+def test_capture_equals_independent_hook(family, tmp_path):
+    nope = ()
+    if family.startswith("phi"):
+        model, rotary, pairing = _tiny(T.PhiConfig, T.PhiForCausalLM, partial_rotary_factor=0.5), 8, "half"
+    elif family.startswith("cohere"):
+        model, rotary, pairing = _tiny(T.CohereConfig, T.CohereForCausalLM), 16, "interleaved"
+    else:
+        model, rotary, pairing = _tiny(T.SmolLM3Config, T.SmolLM3ForCausalLM, no_rope_layers=[1, 0]), 16, "half"
+        nope = (1,)
+    seen = {}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.detach()))
+             for i, layer in enumerate(model.model.layers)]
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    tc.optimize(model, budget=160, compiler="eager")
+    with torch.no_grad():
+        model(ids)
+    stats = tc.query_stats(model)
+    assert (stats.signature.pairing, stats.signature.rotary_dim) == (pairing, rotary)
+    assert stats.signature.nope_layers == ",".join(map(str, nope))
+    for i in range(2):
+        q = seen[i].view(20, 4, 16).double()
+        z = torch.complex(q[..., :rotary // 2], q[..., rotary // 2: rotary]) if pairing == "half" else \
+            torch.complex(q[..., 0:rotary:2], q[..., 1:rotary:2])
+        passing = q if i in nope else q[..., rotary:]  # right-aligned in q_pass_mean
+        if i in nope:
+            z = z * 0  # a layer without RoPE has no bands: all its dims pass through
+        torch.testing.assert_close(stats.q_mean()[i], z.mean(0))
+        torch.testing.assert_close(stats.q_abs()[i], z.abs().mean(0))
+        q_pass = stats.q_pass_mean()[i]
+        torch.testing.assert_close(q_pass[:, q_pass.shape[-1] - passing.shape[-1]:], passing.mean(0))
+        assert not q_pass[:, : q_pass.shape[-1] - passing.shape[-1]].any()
+    path = stats.save(tmp_path / "stats.safetensors")
+    loaded = type(stats).load(path, stats.signature)
+    torch.testing.assert_close(loaded.q_pass_mean(), stats.q_pass_mean().float().double())

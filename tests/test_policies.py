@@ -1,0 +1,281 @@
+"""Eviction policies vs straightforward re-implementations of TRIATTENTION.md §6–§7, and the in-graph observation
+ops (``kernels/observe.py``) vs queries and attention captured independently from the unmodified model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import triattn_compile as tc
+from triattn_compile.kernels.compact import keep_slots
+from triattn_compile.kernels.scoring.naive import invert_rope, naive_score_prerope
+from triattn_compile.policies import (
+    H2O,
+    POLICIES,
+    RKV,
+    CompactionInputs,
+    RandomPolicy,
+    SnapKV,
+    StreamingLLM,
+    TriAttention,
+    make_policy,
+)
+
+
+def synthetic(L=2, B=1, Hkv=2, G=2, N=40, D=8, W=8, seed=0, start=100, protected=0) -> CompactionInputs:
+    g = torch.Generator().manual_seed(seed)
+    F = D // 2
+    q_mean = torch.complex(torch.randn(L, Hkv * G, F, generator=g), torch.randn(L, Hkv * G, F, generator=g))
+    return CompactionInputs(
+        keys=[torch.randn(B, Hkv, N, D, generator=g) for _ in range(L)],
+        positions=(start + torch.arange(N)).expand(L, B, Hkv, N).clone(),
+        next_position=start + N,
+        num_protected=protected,
+        round=3,
+        q_mean=q_mean,
+        q_abs=q_mean.abs() + torch.rand(L, Hkv * G, F, generator=g),
+        omega=(1.0 / 10000 ** (torch.arange(F, dtype=torch.float64) / F)).expand(L, F).clone(),
+        pairing="half",
+        scale=1.0,
+        queries=torch.randn(L, B, Hkv * G, W, D, generator=g),
+        attention=torch.rand(L, B, Hkv, N, generator=g),
+    )
+
+
+# -- loop references, written from the doc's prose -------------------------------------------------------------------
+def ref_window_attention(inp: CompactionInputs, layer: int, window: int = 8, kernel: int = 7) -> torch.Tensor:
+    keys = inp.keys[layer].double()
+    q = inp.queries[layer].double()
+    B, Hkv, N, D = keys.shape
+    G = q.shape[1] // Hkv
+    out = torch.zeros(B, Hkv, N - window, dtype=torch.float64)
+    for b in range(B):
+        for j in range(Hkv):
+            acc = torch.zeros(N - window, dtype=torch.float64)
+            for w in range(window):
+                logits = torch.tensor([max(float(q[b, j * G + g, w] @ keys[b, j, n]) for g in range(G)) / math.sqrt(D)
+                                       for n in range(N - window)], dtype=torch.float64)
+                e = torch.exp(logits - logits.max())
+                acc += e / e.sum()
+            acc /= window
+            half = kernel // 2
+            out[b, j] = torch.stack([acc[max(0, n - half): n + half + 1].max() for n in range(N - window)])
+    return out
+
+
+def ref_redundancy(keys: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    B, Hkv, N, _ = keys.shape
+    out = torch.zeros(B, Hkv, N, dtype=torch.float64)
+    for b in range(B):
+        for j in range(Hkv):
+            k = keys[b, j].double()
+            unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+            S = [[0.0 if i == m else float(unit[i] @ unit[m]) for m in range(N)] for i in range(N)]
+            for i in range(N):
+                similar = [m for m in range(N) if S[i][m] > threshold]
+                S[i][max(similar) if similar else 0] = 0.0
+            col = torch.tensor([sum(S[i][m] for i in range(N)) / N for m in range(N)], dtype=torch.float64)
+            out[b, j] = torch.softmax(col, 0)
+    return out
+
+
+def test_registry_names_and_options():
+    assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
+                             "streamingllm", "snapkv", "rkv", "h2o", "random"}
+    for name, cls in POLICIES.items():
+        assert make_policy(name).name == name and isinstance(make_policy(name), cls)
+    assert make_policy("triattention-no-mlr", per_layer=True).per_layer
+    with pytest.raises(ValueError, match="choose one of"):
+        make_policy("nope")
+
+
+def test_streamingllm_keeps_sinks_and_recent():
+    inp = synthetic(N=40, start=0)
+    idx = keep_slots(StreamingLLM().scores(inp), 0, StreamingLLM.recent_window, 16)
+    want = torch.tensor([0, 1, 2, 3, *range(28, 40)])
+    assert (idx == want).all()
+    later = synthetic(N=40, start=500)  # sinks already evicted can never come back: plain recency
+    assert (keep_slots(StreamingLLM().scores(later), 0, 0, 16) == torch.arange(24, 40)).all()
+
+
+def test_snapkv_matches_loop_reference():
+    inp = synthetic()
+    scores = SnapKV().scores(inp)  # [L, B, Hkv, N]
+    assert scores.shape == (2, 1, 2, 40) and torch.isinf(scores[..., -8:]).all()
+    for layer in range(2):
+        torch.testing.assert_close(scores[layer, ..., :-8].double(), ref_window_attention(inp, layer),
+                                   rtol=1e-5, atol=1e-7)
+        ref = torch.cat([ref_window_attention(inp, layer), torch.full((1, 2, 8), math.inf, dtype=torch.float64)], -1)
+        assert (keep_slots(scores[layer], 0, 8, 20) == keep_slots(ref, 0, 8, 20)).all()
+
+
+def test_rkv_matches_loop_reference():
+    inp = synthetic(N=24, D=4)  # small D: many pairs above the 0.5 cosine threshold
+    scores = RKV().scores(inp)
+    for layer in range(2):
+        red = ref_redundancy(inp.keys[layer])
+        assert (red > 0).all()
+        want = 0.1 * ref_window_attention(inp, layer) - 0.9 * red[..., :-8]
+        torch.testing.assert_close(scores[layer, ..., :-8].double(), want, rtol=1e-5, atol=1e-7)
+    assert RKV.recent_window == 8 or RKV().recent_window == 8
+
+
+def test_h2o_scores_are_accumulated_attention():
+    inp = synthetic()
+    scores = H2O().scores(inp)
+    assert torch.equal(scores, inp.attention)
+    idx = keep_slots(scores, 0, 8, 20)
+    older = inp.attention[..., :-8].topk(12, dim=-1).indices.sort(-1).values
+    assert (idx[..., :12] == older).all() and (idx[..., 12:] == torch.arange(32, 40)).all()
+
+
+def test_random_is_seeded_per_round():
+    inp = synthetic()
+    a, b = RandomPolicy().scores(inp), RandomPolicy().scores(inp)
+    assert torch.equal(a, b) and a.shape == (2, 1, 2, 40)
+    inp.round += 1
+    assert not torch.equal(a, RandomPolicy().scores(inp))
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("triattention", {}),
+    ("triattention-no-trig", {"use_trig": False}),
+    ("triattention-no-norm", {"use_norm": False}),
+    ("triattention-no-mlr", {"mlr": False}),
+])
+def test_triattention_ablations_match_prerope_reference(name, flags):
+    inp = synthetic(protected=4)
+    got = make_policy(name, noise=0.0).scores(inp)[0]  # [B, Hkv, N]
+    L, H, Hkv = 2, 4, 2
+    raw = torch.stack([
+        naive_score_prerope(invert_rope(inp.keys[i].double(), inp.positions[i], inp.omega[i], "half"),
+                            inp.positions[i], inp.next_position, inp.q_mean[i], inp.q_abs[i], inp.omega[i], "half",
+                            torch.tensor([2.0**e for e in range(17)]), **flags)
+        for i in range(L)
+    ])  # [L, B, H, N]
+    cand = raw[..., 4:]
+    z = (raw - cand.mean(-1, keepdim=True)) / cand.std(-1, unbiased=False, keepdim=True)
+    want = z.view(L, 1, Hkv, H // Hkv, -1).amax(3).mean(0)
+    torch.testing.assert_close(got[..., 4:].double(), want[..., 4:], rtol=1e-4, atol=1e-4)
+    if flags:  # the ablation changes the ranking
+        full = TriAttention(noise=0.0).scores(inp)[0]
+        assert not torch.allclose(full[..., 4:], got[..., 4:], atol=1e-3)
+
+
+# -- the observation ops on a tiny model ---------------------------------------------------------------------------
+def independent_qk(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Post-RoPE queries ``[B, H, T, D]`` and keys ``[B, Hkv, T, D]`` per layer, recomputed by forward pre-hooks from
+    each attention module's inputs (the unmodified model, no cache)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    qs, ks = [], []
+
+    def hook(module, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = kwargs["position_embeddings"]
+        B, T, _ = h.shape
+        d = module.head_dim
+        q = module.q_proj(h).view(B, T, -1, d).transpose(1, 2)
+        k = module.k_proj(h).view(B, T, -1, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        qs.append(q.detach())
+        ks.append(k.detach())
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return qs, ks
+
+
+def manual_attention_mass(q: torch.Tensor, k: torch.Tensor, first_query: int) -> torch.Tensor:
+    """Σ over queries t >= first_query and each GQA group of softmax(q_t k_{<=t}ᵀ / sqrt(D)), ``[B, Hkv, S]``."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Hkv, S, dtype=torch.float64)
+    for h in range(H):
+        for t in range(first_query, T):
+            slot = S - T + t  # the query's own slot
+            keys = k[:, h // (H // Hkv), : slot + 1].double()  # [B, S', D]
+            logits = torch.einsum("bd,bsd->bs", q[:, h, t].double(), keys) / math.sqrt(D)
+            out[:, h // (H // Hkv), : slot + 1] += torch.softmax(logits, -1)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_observed_queries_and_attention_match_independent_capture(attn):
+    model = tiny_llama(layers=2)
+    model.set_attn_implementation(attn)
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(1))
+    q_ref, k_ref = independent_qk(model, ids)
+
+    class Both(H2O):
+        query_window = 8
+
+    tc.optimize(model, budget=32, divide_length=16, compiler="eager", policy=Both(), protect_prompt=False)
+    with torch.no_grad():
+        model(input_ids=ids[None, :12])
+        cache = tc.current_cache(model)
+        for lo, hi in ((12, 15), (15, 20)):  # a call shorter than the window, then a longer one
+            model(input_ids=ids[None, lo:hi], past_key_values=cache)
+    assert cache.rounds == 0 and cache.occupied == 20
+    for layer in range(2):
+        torch.testing.assert_close(cache.queries[layer], q_ref[layer][:, :, -8:], rtol=1e-5, atol=1e-5)
+        want = manual_attention_mass(q_ref[layer], k_ref[layer], 0)
+        torch.testing.assert_close(cache.attention[layer, :, :, :20].double(), want, rtol=1e-5, atol=1e-5)
+        assert (cache.attention[layer, :, :, 20:] == 0).all()
+
+
+def test_accumulated_attention_after_compaction():
+    """After a compaction, a step adds softmax over the kept slots only (queries from the recorded ring)."""
+    model = tiny_llama(layers=2)
+
+    class Both(H2O):
+        query_window = 8
+
+    tc.optimize(model, budget=16, divide_length=8, compiler="eager", policy=Both(), protect_prompt=False)
+    ids = torch.randint(0, 128, (28,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(input_ids=ids[None, :24])
+        cache = tc.current_cache(model)
+        assert cache.rounds == 1 and cache.occupied == 16
+        before = cache.attention.clone()
+        model(input_ids=ids[None, 24:28], past_key_values=cache)
+    for layer in range(2):
+        keys = cache.layers[layer].keys[:, :, :20]
+        q = cache.queries[layer][:, :, -4:]
+        got = (cache.attention[layer] - before[layer])[..., :20].double()
+        torch.testing.assert_close(got, manual_attention_mass(q, keys, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_every_policy_runs_the_schedule():
+    """Each registered policy under the same compiled graph (the harness's switch): bounded cache, temporal order,
+    and its recent window / sinks survive four compactions."""
+    from triattn_compile.evaluation.harness import PolicySwitch
+
+    model = tiny_llama(layers=1)
+    switch = PolicySwitch()
+    tc.optimize(model, budget=16, divide_length=8, compiler="eager", policy=switch, protect_prompt=False)
+    ids = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(3))
+    for name in sorted(POLICIES):
+        switch.inner = make_policy(name)
+        with torch.no_grad():
+            out = model(input_ids=ids[None, :24])
+            cache = tc.current_cache(model)
+            for lo in range(24, 48, 8):
+                out = model(input_ids=ids[None, lo:lo + 8], past_key_values=cache)
+        assert torch.isfinite(out.logits).all()
+        assert cache.rounds == 4 and cache.occupied == 16 and cache.peak_occupancy() == 24
+        pos = cache.slot_pos[..., :16]
+        assert (pos.diff(dim=-1) > 0).all(), name  # temporal order kept
+        recent = switch.inner.recent_window
+        if recent:
+            assert (pos[..., -recent:] == torch.arange(48 - recent, 48)).all(), name
+        if name == "streamingllm":
+            assert (pos[..., :4] == torch.arange(4)).all() and (pos[..., 4:] == torch.arange(36, 48)).all()

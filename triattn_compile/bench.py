@@ -1,0 +1,352 @@
+"""``triattn bench``: decode speed and memory of full attention vs TriAttention, measured side by side in one process.
+
+Every method runs the same greedy decode loop over the same prompt (real text), one token per step, no stopping at
+EOS, and is timed per step (with a device sync on CUDA). Methods:
+
+* ``sdpa``: the unmodified transformers model with a ``DynamicCache``, as users run it today;
+* ``compiled``: the same model under plain ``torch.compile`` (Inductor);
+* ``B=<budget>``: ``triattn_compile.optimize(model, budget=<budget>)`` (Inductor, TriAttention policy).
+
+A run of ``L`` tokens also gives the figures of every shorter length (its first ``n`` steps are the same decode).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+RSS_SAMPLE_EVERY = 64
+
+
+@dataclass
+class Run:
+    """One method's decode: per-step latencies and what it cost."""
+
+    method: str
+    batch: int
+    prompt_tokens: int
+    step_seconds: list[float] = field(default_factory=list)
+    warmup_seconds: float = 0.0  # prefill + first two decode steps (includes compilation)
+    recompiles_after_warmup: int = 0
+    peak_kv_bytes: int = 0
+    peak_rss_bytes: int = 0  # process RSS sampled during the run
+    compaction_seconds: float = 0.0
+    compactions: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+
+    def tokens_per_second(self, steps: int) -> float:
+        return self.batch * steps / sum(self.step_seconds[:steps])
+
+    def latency_at(self, position: int, window: int = 100) -> float:
+        """Median step latency over the ``window`` decode steps ending at absolute ``position``."""
+        end = max(min(position - self.prompt_tokens, len(self.step_seconds)), window)
+        return statistics.median(self.step_seconds[end - window:end])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _kv_bytes(cache) -> int:
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@torch.no_grad()
+def decode(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_step=None) -> Run:
+    """Greedy decode of ``steps`` tokens after the prompt ``ids`` ``[B, P]``; the first token comes from prefill."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    run = Run(method, ids.shape[0], ids.shape[1])
+    cache = make_cache()
+    start = time.perf_counter()
+    out = forward(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    generated = [token]
+    graphs = 0
+    for step in range(1, steps):
+        t0 = time.perf_counter()
+        out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        t1 = time.perf_counter()
+        if step <= 2:
+            run.warmup_seconds = t1 - start
+            graphs = _graphs()
+        else:
+            run.step_seconds.append(t1 - t0)
+        generated.append(token)
+        if step % RSS_SAMPLE_EVERY == 0:
+            run.peak_rss_bytes = max(run.peak_rss_bytes, _rss_bytes())
+            run.peak_kv_bytes = max(run.peak_kv_bytes, _kv_bytes(cache))
+        if on_step is not None:
+            on_step()
+    run.peak_kv_bytes = max(run.peak_kv_bytes, _kv_bytes(cache))
+    run.recompiles_after_warmup = _graphs() - graphs
+    run.tokens = torch.cat(generated, dim=1).tolist()
+    return run
+
+
+def real_text() -> str:
+    """The GPL-3 licence text that Debian ships (offline, written by the FSF), or this module's docstring."""
+    source = Path("/usr/share/common-licenses/GPL-3")
+    return source.read_text() if source.exists() else __doc__
+
+
+def text_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """``[1, tokens]`` ids of :func:`real_text`, repeated as needed."""
+    ids = torch.tensor(tokenizer(real_text()).input_ids)
+    return ids.repeat(tokens // len(ids) + 1)[:tokens][None]
+
+
+def prompt_ids(tokenizer, batch: int, text_tokens: int = 64) -> torch.Tensor:
+    """A chat prompt asking to continue a passage of real text (:func:`real_text`)."""
+    from triattn_compile.loading import chat_ids
+
+    passage = tokenizer.decode(tokenizer(real_text()).input_ids[:text_tokens])
+    ids = chat_ids(tokenizer, "Continue this text, at length:\n\n" + passage)
+    return ids.expand(batch, -1).contiguous()
+
+
+def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progress: bool = True) -> list[Run]:
+    """Decode with each method in turn on the same model object (restored in between)."""
+    from transformers import DynamicCache
+
+    import triattn_compile as tc
+
+    runs = []
+    for method in methods:
+        torch._dynamo.reset()
+        gc.collect()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps - 1, desc=f"{method} batch {ids.shape[0]}", unit="tok", leave=False)
+        on_step = bar.update if bar else None
+        full_cache = lambda: DynamicCache(config=model.config)
+        if method == "sdpa":
+            run = decode(model.forward, full_cache, ids, steps, method, on_step)
+        elif method == "compiled":
+            run = decode(torch.compile(model.forward), full_cache, ids, steps, method, on_step)
+        elif method.startswith("B="):
+            tc.optimize(model, budget=int(method[2:]))
+            try:
+                run = decode(model.forward, lambda: None, ids, steps, method, on_step)
+                cache = tc.current_cache(model)
+                run.compaction_seconds = model._triattn_state.compaction_seconds
+                run.compactions = cache.compactions()
+                run.peak_kv_bytes = cache.kv_bytes()
+            finally:
+                tc.restore(model)
+        else:
+            raise ValueError(f"unknown method {method!r}: use sdpa, compiled or B=<budget>")
+        if bar:
+            bar.close()
+        runs.append(run)
+    torch._dynamo.reset()
+    return runs
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (``len`` when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def summary_rows(runs: list[Run], lengths: list[int]) -> list[dict]:
+    """One row per (method, length): throughput, memory, compile and compaction figures."""
+    reference = runs[0]
+    rows = []
+    for run in runs:
+        for length in lengths:
+            steps = min(length, len(run.step_seconds))
+            decode_seconds = sum(run.step_seconds[:steps])
+            rows.append({
+                "method": run.method, "batch": run.batch, "tokens": length,
+                "tok/s": round(run.tokens_per_second(steps), 2),
+                f"tok/s vs {reference.method}": round(run.tokens_per_second(steps) / reference.tokens_per_second(steps),
+                                                      3),
+                "peak KV MiB": round(run.peak_kv_bytes / 2**20, 1),
+                "peak RSS MiB": round(run.peak_rss_bytes / 2**20),
+                "warm-up s": round(run.warmup_seconds, 1),
+                "recompiles": run.recompiles_after_warmup,
+                "compaction %": round(100 * run.compaction_seconds / decode_seconds, 2) if run.compactions else 0.0,
+                "same tokens as first": first_divergence(run.tokens[0], reference.tokens[0]),
+            })
+    return rows
+
+
+def decile_rows(runs: list[Run]) -> list[dict]:
+    """Median step latency (ms) in each tenth of the generation, per method."""
+    rows = []
+    for run in runs:
+        n = len(run.step_seconds)
+        row = {"method": run.method, "batch": run.batch}
+        for d in range(10):
+            chunk = run.step_seconds[d * n // 10:(d + 1) * n // 10]
+            row[f"pos ~{run.prompt_tokens + 3 + (2 * d + 1) * n // 20}"] = round(1000 * statistics.median(chunk), 1)
+        rows.append(row)
+    return rows
+
+
+def targets(runs: list[Run], budget: int = 1024, divide_length: int = 128) -> list[dict]:
+    """Issue 6's targets that the runs allow: the 8K ones need ``sdpa`` and ``B=budget`` over >= 7,000 steps, the
+    short-generation one needs ``compiled`` and ``B=budget``."""
+    by = {r.method: r for r in runs}
+    full, opt, comp = by.get("sdpa"), by.get(f"B={budget}"), by.get("compiled")
+    if opt is None:
+        return []
+    rows = []
+    steps = len(opt.step_seconds)
+    if full is not None and steps >= 7000:
+        end = opt.prompt_tokens + 3 + steps
+        rows += [
+            ("step latency at ~8K: B=1024 / sdpa", opt.latency_at(end) / full.latency_at(end), "<= 0.35"),
+            ("step latency at ~8K / at ~1200 (B=1024)", opt.latency_at(end) / opt.latency_at(1200), "<= 1.15"),
+            ("tok/s over the generation: B=1024 / sdpa",
+             opt.tokens_per_second(steps) / full.tokens_per_second(steps), ">= 2.0"),
+            ("peak KV bytes: B=1024 / sdpa", opt.peak_kv_bytes / full.peak_kv_bytes,
+             f"<= {1.02 * (budget + divide_length) / 8000:.4f}"),
+            ("scoring + compaction share of decode time", opt.compaction_seconds / sum(opt.step_seconds), "<= 0.03"),
+            ("recompiles after warm-up (B=1024)", opt.recompiles_after_warmup, "== 0"),
+        ]
+    if comp is not None:
+        fits = min(budget + divide_length - opt.prompt_tokens - 4, steps)
+        rows.append((f"short generation ({fits} tokens, fits): B=1024 / compiled step time",
+                     sum(opt.step_seconds[:fits]) / sum(comp.step_seconds[:fits]), "<= 1.05"))
+    out = []
+    for name, value, goal in rows:
+        op, bound = goal.split()
+        ok = {"<=": value <= float(bound), ">=": value >= float(bound), "==": value == float(bound)}[op]
+        out.append({"target": name, "measured": round(float(value), 4), "goal": goal, "met": "yes" if ok else "NO"})
+    return out
+
+
+def plot_latency(runs: list[Run], path: Path) -> None:
+    """PNG: step latency vs absolute position, one line per method (100-step rolling median)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        lat = torch.tensor(run.step_seconds) * 1000
+        window = min(100, len(lat))
+        smooth = lat.unfold(0, window, max(1, window // 4)).median(-1).values
+        pos = run.prompt_tokens + 3 + torch.arange(len(smooth)) * max(1, window // 4) + window
+        ax.plot(pos, smooth, label=f"{run.method} (batch {run.batch})")
+    ax.set_xlabel("position (tokens in context)")
+    ax.set_ylabel("decode step latency, ms (rolling median)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_report(runs: list[Run], lengths: list[int], out: Path, command: str) -> dict:
+    """Markdown tables, the latency plot and the raw JSON under ``out``; returns the JSON-able summary."""
+    from tabulate import tabulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"batch{runs[0].batch}"
+    summary = {"command": command, "machine": machine(), "summary": summary_rows(runs, lengths),
+               "deciles": decile_rows(runs), "targets": targets(runs) if runs[0].batch == 1 else []}
+    table = lambda rows: tabulate(rows, headers="keys", tablefmt="github")
+    md = [f"# Decode benchmark, batch {runs[0].batch}", "", f"Command: `{command}`", "",
+          f"Machine: {summary['machine']}", "", "## Throughput and memory", "", table(summary["summary"]), "",
+          "## Step latency (ms, median per tenth of the generation)", "", table(summary["deciles"]), ""]
+    if summary["targets"]:
+        md += ["## Targets (issue 6)", "", table(summary["targets"]), ""]
+    (out / f"{tag}.md").write_text("\n".join(md))
+    (out / f"{tag}.json").write_text(json.dumps({**summary, "runs": [asdict(r) | {"tokens": None} for r in runs]}))
+    plot_latency(runs, out / f"{tag}-latency.png")
+    summary["markdown"] = "\n".join(md)
+    return summary
+
+
+def _replicate(cache, batch: int) -> None:
+    """Give every sequence of a ``batch`` the same cached context (decode cost does not depend on the content)."""
+    if hasattr(cache, "repeat_rows"):
+        cache.repeat_rows(batch)
+        return
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
+
+
+@torch.no_grad()
+def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> float:
+    """Seconds per decode step over ``steps`` steps after two warm-up steps (tokens/s = batch / that)."""
+    sync = torch.cuda.synchronize if token.is_cuda else (lambda: None)
+    for _ in range(2):
+        forward(input_ids=token, past_key_values=cache, use_cache=True)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> list[dict]:
+    """Table-4-style run: under a KV-memory cap, the largest batch each method fits at the end of a generation of
+    ``context`` tokens (``[1, N]``), and its decode throughput there (full attention holds N tokens per sequence;
+    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation)."""
+    from transformers import DynamicCache
+
+    import triattn_compile as tc
+
+    cfg = model.config.get_text_config()
+    elsize = next(model.parameters()).element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elsize
+    rows = []
+    batch = cap_bytes // (per_slot * context.shape[1])
+    if batch >= 1:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for chunk in context.split(1024, dim=1):
+                model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        _replicate(cache, batch)
+        step = _steady_decode(model.forward, cache, context[:, -1:].expand(batch, 1), steps)
+        rows.append({"method": "sdpa", "KV per sequence MiB": round(per_slot * context.shape[1] / 2**20, 1),
+                     "max batch": batch, "tok/s": round(batch / step, 1)})
+    for budget in budgets:
+        per_seq = (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128)  # + slot_pos
+        batch = cap_bytes // per_seq
+        tc.optimize(model, budget=budget, protect_prompt=False)
+        try:
+            with torch.no_grad():
+                out = model(input_ids=context[:, : budget + 127], use_cache=True)
+            cache = out.past_key_values
+            _replicate(cache, batch)
+            step = _steady_decode(model.forward, cache, context[:, -1:].expand(batch, 1), steps)
+        finally:
+            tc.restore(model)
+            torch._dynamo.reset()
+        rows.append({"method": f"B={budget}", "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,
+                     "tok/s": round(batch / step, 1)})
+    for row in rows:
+        row["tok/s vs sdpa"] = round(row["tok/s"] / rows[0]["tok/s"], 2) if rows[0]["method"] == "sdpa" else None
+    return rows

@@ -1,0 +1,42 @@
+"""Ops that let attention-based eviction policies (SnapKV, R-KV, H2O) see live queries; TriAttention needs neither.
+
+Both run inside the compiled step, before each attention node, with no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.library.custom_op("triattn::record_queries", mutates_args=("ring",))
+def record_queries(query: torch.Tensor, ring: torch.Tensor, layer: int) -> None:
+    """Shift the step's queries ``[B, H, T, D]`` into ``ring[layer]`` ``[B, H, W, D]`` (the last W are kept)."""
+    window = ring.shape[3]
+    ring[layer].copy_(torch.cat([ring[layer], query.to(ring.dtype)], dim=2)[:, :, -window:])
+
+
+@record_queries.register_fake
+def _(query, ring, layer) -> None:
+    return None
+
+
+@torch.library.custom_op("triattn::accumulate_attention", mutates_args=("acc",))
+def accumulate_attention(
+    query: torch.Tensor, keys: torch.Tensor, acc: torch.Tensor, visible: torch.Tensor, layer: int, scale: float | None
+) -> None:
+    """``acc[layer] [B, Hkv, C] += Σ_{queries, group heads} softmax(q·kᵀ·scale)`` over the slots each query sees
+    (``visible`` ``[B, Hkv, T, C]``, the attention mask of ``passes/rewrite.py``)."""
+    B, H, T, D = query.shape
+    Hkv = keys.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q = query.float().view(B, Hkv, H // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhcd->bhgtc", q, keys.float()) * scale
+    probs = logits.masked_fill(~visible[:, :, None], -torch.inf).softmax(-1)
+    acc[layer] += probs.sum(dim=(2, 3))
+
+
+@accumulate_attention.register_fake
+def _(query, keys, acc, visible, layer, scale) -> None:
+    return None

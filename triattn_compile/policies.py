@@ -1,0 +1,270 @@
+"""Which tokens a compaction keeps: TriAttention, and the baselines it is compared with, one small class each.
+
+A policy only scores the occupied slots. ``kernels/compact.py`` does the rest identically for every policy: the
+protected prompt and the policy's recent window are always kept, the top ``budget`` per KV head (per layer, or
+shared by all layers) survive, and every layer is compacted in place. A policy that needs live queries says so
+(``query_window``: the pass records the last W post-RoPE queries per layer; ``accumulate_attention``: the pass adds
+each step's attention probabilities per slot). Adding a policy is adding a class and a line in :data:`POLICIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from triattn_compile.kernels.scoring.naive import aggregate_scores, geometric_offsets, score_pass_through
+from triattn_compile.kernels.scoring.triton_kernel import score_keys
+
+
+@dataclass
+class CompactionInputs:
+    """What a policy may look at when the cache is full (``N`` occupied slots, in temporal order)."""
+
+    keys: list[torch.Tensor]  # per layer: occupied post-RoPE keys [B, Hkv, N, D]
+    positions: torch.Tensor  # [L, B, Hkv, N] absolute positions
+    next_position: int  # absolute position of the next token
+    num_protected: int  # leading slots that are always kept (the prompt, when protected)
+    round: int  # compaction rounds done before this one
+    q_mean: torch.Tensor  # [L, H, F] complex: calibrated query centres
+    q_abs: torch.Tensor  # [L, H, F]: calibrated E|q_f|
+    omega: torch.Tensor  # [L, F] rotary frequencies
+    pairing: str  # "half" | "interleaved"
+    scale: float  # attention scaling of the rotary embedding
+    queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries (query_window > 0)
+    attention: torch.Tensor | None = None  # [L, B, Hkv, N] accumulated attention (accumulate_attention)
+    q_pass: torch.Tensor | None = None  # [L, H, P]: calibrated mean of the pass-through (non-rotary) query dims
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys[0].shape[1]
+
+    def candidates(self) -> torch.Tensor:
+        """``[N]`` bool: the slots that compete (not protected)."""
+        n = self.keys[0].shape[2]
+        return torch.arange(n, device=self.keys[0].device) >= self.num_protected
+
+
+class Policy:
+    """Scores occupied slots; higher is kept. Subclasses set the class attributes they need."""
+
+    name = "policy"
+    query_window = 0  # post-RoPE queries to record per layer
+    accumulate_attention = False  # per-slot attention mass summed over decode steps
+    recent_window = 0  # most recent slots always kept
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        """``[L, B, Hkv, N]`` (one keep set per layer) or ``[1, B, Hkv, N]`` (one set shared by all layers)."""
+        raise NotImplementedError
+
+
+@dataclass
+class TriAttention(Policy):
+    """The paper's score (§1.3–§1.6): trigonometric series + norm term from calibrated query centres, averaged over
+    geometric future offsets, z-scored per head, max over the GQA group, mean over layers.
+
+    Args:
+        per_layer: one keep set per (layer, KV head) instead of one shared by all layers.
+        use_trig / use_norm / mlr: ablations (drop S_trig; drop S_norm; S_norm without the (1 - R) weighting).
+        max_offset: largest future offset. noise / seed: tie-break noise on z-scores, reseeded every round.
+    """
+
+    per_layer: bool = False
+    use_trig: bool = True
+    use_norm: bool = True
+    mlr: bool = True
+    max_offset: int = 65536
+    noise: float = 1e-6
+    seed: int = 0
+    name: str = "triattention"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        offsets = geometric_offsets(self.max_offset)
+        raw = torch.stack([
+            score_keys(k[..., : 2 * inputs.q_mean.shape[-1]], inputs.next_position, inputs.q_mean[i], inputs.q_abs[i],
+                       inputs.omega[i], inputs.pairing, offsets, inputs.scale, self.use_trig, self.use_norm, self.mlr)
+            + (0 if inputs.q_pass is None else score_pass_through(k, inputs.q_pass[i]))  # partial rotary, naive.py
+            for i, k in enumerate(inputs.keys)
+        ])  # [L, B, H, N]
+        jitter = None
+        if self.noise > 0:
+            gen = torch.Generator(device=raw.device).manual_seed(self.seed + inputs.round)
+            jitter = torch.rand(raw.shape, generator=gen, device=raw.device, dtype=raw.dtype) * self.noise
+        agg = aggregate_scores(raw, inputs.num_kv_heads, inputs.candidates(), per_layer=self.per_layer, noise=jitter)
+        return agg if self.per_layer else agg[None]
+
+
+@dataclass
+class TriAttentionNoTrig(TriAttention):
+    """Ablation "w/o S_trig" (Table 3, ``disable_trig``): the norm term alone."""
+
+    use_trig: bool = False
+    name: str = "triattention-no-trig"
+
+
+@dataclass
+class TriAttentionNoNorm(TriAttention):
+    """Ablation "w/o S_norm" (trig only; the paper quotes it in the text, the release has no switch for it)."""
+
+    use_norm: bool = False
+    name: str = "triattention-no-norm"
+
+
+@dataclass
+class TriAttentionNoMLR(TriAttention):
+    """Ablation "w/o R weighting" (``disable_mlr``): S_norm^(0) = Σ_f E|q_f| |k_f| instead of (1 - R_f) E|q_f| |k_f|."""
+
+    mlr: bool = False
+    name: str = "triattention-no-mlr"
+
+
+@dataclass
+class StreamingLLM(Policy):
+    """Attention sinks + recent tokens (Xiao et al., 2023, arXiv 2309.17453; R-KV repo ``streamingllm.py``).
+
+    Args:
+        sinks: the first tokens of the sequence (absolute positions ``< sinks``), always kept; the rest of the budget
+            goes to the most recent tokens.
+    """
+
+    sinks: int = 4
+    name: str = "streamingllm"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        pos = inputs.positions.to(torch.float64)  # later = higher
+        return pos.masked_fill(inputs.positions < self.sinks, torch.inf)
+
+
+def window_attention(inputs: CompactionInputs, layer: int, window: int, kernel: int) -> torch.Tensor:
+    """SnapKV/R-KV importance of the non-window slots of one layer (``rkv/utils.compute_attention_scores``).
+
+    Logits of the last ``window`` post-RoPE queries against the keys, scaled by 1/sqrt(D), max over each GQA group,
+    softmax over the ``N - window`` older keys, mean over the queries, 1-D max-pool of width ``kernel``.
+
+    Returns:
+        ``[B, Hkv, N - window]`` float32.
+    """
+    keys = inputs.keys[layer].float()  # [B, Hkv, N, D]
+    q = inputs.queries[layer, :, :, -window:].float()  # [B, H, W, D]
+    B, Hkv, N, D = keys.shape
+    q = q.view(B, Hkv, q.shape[1] // Hkv, window, D)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys).amax(2) / math.sqrt(D)  # [B, Hkv, W, N]
+    probs = logits[..., : N - window].softmax(-1).mean(-2)  # [B, Hkv, N - W]
+    return F.max_pool1d(probs, kernel_size=kernel, padding=kernel // 2, stride=1)
+
+
+@dataclass
+class SnapKV(Policy):
+    """SnapKV (Li et al., 2024, arXiv 2404.14469), decode-time variant as run by R-KV and TriAttention (§7): the
+    attention of the last 8 queries, max-pooled; the last 8 tokens are kept.
+
+    Args:
+        query_window: observation queries (and protected recent tokens), α = 8. kernel: max-pool width, 7.
+    """
+
+    query_window: int = 8
+    kernel: int = 7
+    name: str = "snapkv"
+
+    @property
+    def recent_window(self) -> int:
+        return self.query_window
+
+    def layer_scores(self, inputs: CompactionInputs, layer: int) -> torch.Tensor:
+        """``[B, Hkv, N - query_window]`` scores of one layer's slots before the observation window."""
+        return window_attention(inputs, layer, self.query_window, self.kernel)
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        out = [F.pad(self.layer_scores(inputs, i), (0, self.query_window), value=torch.inf)
+               for i in range(len(inputs.keys))]
+        return torch.stack(out)  # [L, B, Hkv, N]: each layer keeps its own set
+
+
+def key_redundancy(keys: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """R-KV redundancy (``rkv/utils.cal_similarity``, ``retain_direction="last"``) of keys ``[B, Hkv, N, D]``.
+
+    Cosine similarity of every key pair with the diagonal zeroed; in each row the most recent (largest-index)
+    entry above ``threshold`` is zeroed (entry 0 when none is); column mean over rows, then softmax over the keys.
+
+    Returns:
+        ``[B, Hkv, N]`` float32; higher = more redundant.
+    """
+    k = keys.float()
+    k = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = k @ k.transpose(-1, -2)  # [B, Hkv, N, N]
+    n = sim.shape[-1]
+    sim.diagonal(dim1=-2, dim2=-1).zero_()
+    cols = torch.arange(n, device=sim.device)
+    last = torch.where(sim > threshold, cols, 0).amax(-1, keepdim=True)  # [B, Hkv, N, 1]
+    sim.scatter_(-1, last, 0.0)
+    return sim.mean(-2).softmax(-1)
+
+
+@dataclass
+class RKV(SnapKV):
+    """R-KV (Cai et al., 2025, arXiv 2505.24133; §6): λ·importance − (1 − λ)·redundancy, per layer and KV head, the
+    importance being SnapKV's; the last α tokens are kept.
+
+    Args:
+        mix_lambda: λ = 0.1 (the paper's and TriAttention's runs). query_window: α = 8. kernel: max-pool width 7.
+        threshold: cosine similarity above which the most recent similar key is not counted as redundant, 0.5.
+    """
+
+    mix_lambda: float = 0.1
+    threshold: float = 0.5
+    name: str = "rkv"
+
+    def layer_scores(self, inputs: CompactionInputs, layer: int) -> torch.Tensor:
+        importance = super().layer_scores(inputs, layer)
+        redundancy = key_redundancy(inputs.keys[layer], self.threshold)[..., : -self.query_window]
+        return self.mix_lambda * importance - (1 - self.mix_lambda) * redundancy
+
+
+@dataclass
+class H2O(Policy):
+    """H2O heavy hitters (Zhang et al., 2023, arXiv 2306.14048): the attention each cached token has received, summed
+    over every query since it entered the cache and over each GQA group, per layer and KV head.
+
+    Args:
+        recent_window: most recent tokens always kept (8, like SnapKV and R-KV; the H2O paper gives half the budget
+            to recent tokens: ``H2O(recent_window=budget // 2)``).
+    """
+
+    recent_window: int = 8
+    accumulate_attention = True
+    name: str = "h2o"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        return inputs.attention.clone()
+
+
+@dataclass
+class RandomPolicy(Policy):
+    """Uniformly random keep sets, one per layer and KV head (reseeded ``seed + round`` every compaction)."""
+
+    seed: int = 0
+    name: str = "random"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        gen = torch.Generator(device=inputs.positions.device).manual_seed(self.seed + inputs.round)
+        return torch.rand(inputs.positions.shape, generator=gen, device=inputs.positions.device)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, StreamingLLM, SnapKV, RKV,
+                H2O, RandomPolicy)
+}
+
+
+def make_policy(policy: str | Policy, **triattention_options) -> Policy:
+    """A policy object from a name in :data:`POLICIES` (TriAttention and its ablations take ``triattention_options``;
+    the others their defaults) or as given."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or pass a Policy object")
+    cls = POLICIES[policy]
+    return cls(**triattention_options) if issubclass(cls, TriAttention) else cls()
