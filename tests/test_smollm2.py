@@ -69,9 +69,9 @@ def test_keep_sets_on_real_keys_equal_independent_oracle(smollm2, monkeypatch):
 
     original = compact.compact
 
-    def spy_compact(cache, policy, inputs):
+    def spy_compact(cache, policy, inputs, *args):
         keys = [k.clone() for k in inputs.keys]  # compact() overwrites the slots in place
-        idx = original(cache, policy, inputs)
+        idx = original(cache, policy, inputs, *args)
         seen.append((keys, inputs, idx.clone()))
         return idx
 
