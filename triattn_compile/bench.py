@@ -75,6 +75,7 @@ def decode(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_s
     cache = make_cache()
     start = time.perf_counter()
     out = forward(input_ids=ids, past_key_values=cache, use_cache=True)
+    cache = out.past_key_values  # an optimized model creates its own compressed cache on the first call
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
     graphs = 0
