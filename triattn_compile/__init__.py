@@ -3,7 +3,6 @@
 # importing the op modules registers the triattn:: custom ops
 from triattn_compile.api import cache_occupancy, calibrate, current_cache, optimize, query_stats, restore
 from triattn_compile.cache import CompressedCache
-from triattn_compile.calibration import capture as _capture  # noqa: F401
 from triattn_compile.calibration.stats import QueryStats, RotarySignature, StatsError
 from triattn_compile.config import TriAttentionConfig
 from triattn_compile.kernels import compact as _compact  # noqa: F401

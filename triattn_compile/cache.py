@@ -55,8 +55,10 @@ class CompressedLayer(CacheLayerMixin):
         lead = (self.ctrl[PAD] - self.ctrl[SEEN]).clamp(min=0)[:, None]  # [B, 1] padding tokens in this call
         slots = (self.ctrl[OCCUPIED][:, None] + torch.arange(key_states.shape[-2], device=self.device) - lead)
         slots = slots % self.capacity  # [B, T]
-        self.keys.scatter_(2, slots[:, None, :, None].expand(key_states.shape), key_states)
-        self.values.scatter_(2, slots[:, None, :, None].expand(value_states.shape), value_states)
+        rows = torch.arange(slots.shape[0], device=self.device)[:, None]
+        # an indexed assignment (index_put_, unlike scatter_) stays in place under Inductor: no copy of the buffer
+        self.keys[rows, :, slots] = key_states.transpose(1, 2)
+        self.values[rows, :, slots] = value_states.transpose(1, 2)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -29,6 +29,7 @@ def test_exact_while_sequence_fits(llama, compiler):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(_generate(llama, ids, 60), ref)
     assert counters["triattn"]["compress"] >= 1 and counters["triattn"]["capture"] >= 2  # the rewrite fired
+    assert counters["triattn"]["grouped"] == 2 * counters["triattn"]["compress"]  # SDPA reads the cache unrepeated
     assert tc.cache_occupancy(llama) == [12 + 59] * 2
 
 

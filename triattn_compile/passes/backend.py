@@ -19,6 +19,7 @@ from triattn_compile.calibration.stats import TENSOR_NAMES
 from triattn_compile.passes.match import find_attention_sites
 from triattn_compile.passes.rewrite import (
     add_inputs,
+    grouped_attention,
     insert_advance,
     insert_attention_accumulate,
     insert_capture,
@@ -60,6 +61,7 @@ class TriAttentionBackend:
             ctrl = state.find_ctrl(gm, example_inputs)
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
             masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"]) for site in sites]
+            counters["triattn"]["grouped"] += sum(site.attn.target is grouped_attention for site in sites)
             if "queries" in extra:
                 insert_query_record(gm.graph, sites, extra["queries"])
             if "attention" in extra:

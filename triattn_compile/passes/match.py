@@ -90,25 +90,33 @@ def _walk_layout(node: Node, head_axis: int, ndim: int = 4) -> tuple[Node, int]:
     return node, head_axis
 
 
-def _walk_to_buffer(node: Node) -> Node:
+def walk_to_buffer(node: Node) -> Node:
     """From an attention key/value argument back through repeat_kv to the tensor that holds the cache."""
     while _is_layout(node):
         node = node.args[0]
     return node
 
 
-_WRITES = ("index_copy_", "scatter_")
+_WRITES = ("index_copy_", "scatter_", operator.setitem)
 
 
 def _cache_write(buffer: Node) -> Node | None:
-    """The ``buffer.index_copy_(2, slots, new)`` or ``buffer.scatter_(2, slots[:, None, :, None].expand(...), new)``
-    that writes the current tokens into ``buffer``."""
+    """The ``buffer[rows, :, slots] = new`` (or ``buffer[:, :, slots] = new``), ``buffer.index_copy_(2, slots, new)`` or
+    ``buffer.scatter_(2, slots[:, None, :, None].expand(...), new)`` that writes the current tokens into ``buffer``."""
     if _is(buffer, *_WRITES):
         return buffer
     for user in buffer.users:
         if _is(user, *_WRITES) and user.args[0] is buffer:
             return user
     return None
+
+
+def _written(write: Node) -> tuple[Node, Node]:
+    """``(slots, new tokens)`` of a cache write; slots ``[B, T]`` or ``[T]``."""
+    if write.target is operator.setitem:  # buffer[..., slots] = values; slots the last tensor index
+        slots = [i for i in write.args[1] if isinstance(i, Node)][-1]
+        return slots, write.args[2]
+    return walk_to_buffer(write.args[2]), write.args[3]  # scatter_: back through [:, None, :, None].expand
 
 
 def _is(node: object, *targets) -> bool:
@@ -206,13 +214,13 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                 f"{where}: no rotary embedding recognised on the query (node {q_post.name}); "
                 f"supported forms: {', '.join(ROTARY_FORM_NAMES)}"
             )
-        key_source = _walk_to_buffer(k_arg)
+        key_source = walk_to_buffer(k_arg)
         site = AttentionSite(
             len(sites), module_of(node), node, query, head_axis, key_source, form, softmax, mask_add, q_arg
         )
         if need_cache:
             site.key_buffer = key_source
-            site.value_buffer = _walk_to_buffer(v_arg)
+            site.value_buffer = walk_to_buffer(v_arg)
             kw, vw = _cache_write(site.key_buffer), _cache_write(site.value_buffer)
             if kw is None or vw is None:
                 raise PatternNotFound(
@@ -220,8 +228,9 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                     "`past_key_values` to its attention layers"
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
-            site.write_slots = _walk_to_buffer(kw.args[2])  # scatter_: back through [:, None, :, None].expand
-            k_post = _walk_layout(kw.args[3], head_axis=1)[0]
+            slots, new_keys = _written(kw)
+            site.write_slots = slots
+            k_post = _walk_layout(new_keys, head_axis=1)[0]
             site.key = match_rotary(k_post) or _unrotated(k_post)
             if site.key is None or site.key.pairing != query.pairing or site.key.rotary_dim != query.rotary_dim:
                 raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({kw.args[3].name})")

@@ -1,7 +1,7 @@
 """The TriAttention rewrite of a traced decoder graph.
 
 Guarantees: while the sequence fits in the cache, the rewritten graph computes exactly what the original computes
-over the occupied slots; it adds (1) ``triattn::capture_queries`` on each site's pre-RoPE query when calibrating,
+over the occupied slots; it adds (1) ``capture_queries`` on each site's pre-RoPE query when calibrating,
 (2) ``triattn::record_positions`` before the first attention node and an attention mask ``[B, H, T, C]`` over the
 compressed cache by position (slot ``s`` of row ``b`` is visible to the row's query at position ``q`` iff
 ``0 <= slot_pos[b, s] <= q``, and always to the query written there), so padding is never seen and each row of a
@@ -17,7 +17,8 @@ import torch
 from torch.fx import Graph, Node
 
 from triattn_compile.cache import PAD, SEEN
-from triattn_compile.passes.match import AttentionSite, computes_scores
+from triattn_compile.calibration.capture import capture_queries
+from triattn_compile.passes.match import AttentionSite, computes_scores, walk_to_buffer
 from triattn_compile.passes.rotary import fake_value
 
 
@@ -33,11 +34,11 @@ def add_inputs(graph: Graph, names: list[str]) -> list[Node]:
 
 
 def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) -> None:
-    """Feed each site's pre-RoPE query to ``triattn::capture_queries``."""
+    """Feed each site's pre-RoPE query to :func:`~triattn_compile.calibration.capture.capture_queries`."""
     for site in sites:
         with graph.inserting_after(site.query.pre):
             graph.call_function(
-                torch.ops.triattn.capture_queries.default,
+                capture_queries,
                 (site.query.pre, *stats, site.layer, site.head_axis, site.query.pairing, site.query.rotary_dim),
             )
 
@@ -91,6 +92,9 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
             masked = graph.call_method("masked_fill", (site.attn.args[0], hidden, float("-inf")))
         site.attn.args = (masked, *site.attn.args[1:])
         return kv_mask
+    if _grouped(site):
+        _group_queries(graph, site, kv_mask)
+        return kv_mask
     args = list(site.attn.args)
     kwargs = dict(site.attn.kwargs)
     if len(args) > 3:
@@ -102,6 +106,52 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     kwargs["is_causal"] = False
     site.attn.args, site.attn.kwargs = tuple(args), kwargs
     return kv_mask
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                      dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """SDPA of ``query`` ``[B, H, T, D]`` over the cache's own ``key``/``value`` ``[B, Hkv, C, D]`` (``mask``
+    ``[B, Hkv, T, C]``): the G = H / Hkv query heads of each KV head are folded into the query length, so the
+    cache is read once per KV head and never repeated (query head ``h`` reads KV head ``h // G``, as repeat_kv)."""
+    b, h, t, d = query.shape
+    hkv, c = key.shape[1], key.shape[2]
+    g = h // hkv
+    q = query.reshape(b, hkv, g * t, d)
+    m = mask[:, :, None].expand(b, hkv, g, t, c).reshape(b, hkv, g * t, c)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=m, dropout_p=dropout_p,
+                                                           scale=scale)
+    return out.reshape(b, h, t, value.shape[-1])
+
+
+def _sdpa_operands(site: AttentionSite) -> list:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    args = dict(zip(names, site.attn.args))
+    return [args.get(n, site.attn.kwargs.get(n)) for n in names]
+
+
+def _grouped(site: AttentionSite) -> bool:
+    """Whether the site's SDPA can read the cache buffers directly (:func:`grouped_attention`): its key and value
+    walk back (through repeat_kv) to ``[B, Hkv, C, D]`` tensors whose Hkv divides the query heads."""
+    query, key, value = (fake_value(n) for n in _sdpa_operands(site)[:3])
+    k, v = (fake_value(site.key_source), fake_value(walk_to_buffer(_sdpa_operands(site)[2])))
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (query, key, k, v)):
+        return False
+    return (k.shape[1] == v.shape[1] and query.shape[1] % k.shape[1] == 0 and k.shape[2] == key.shape[2]
+            and k.shape[:3] == v.shape[:3] and k.shape[0] == query.shape[0])
+
+
+def _group_queries(graph: Graph, site: AttentionSite, kv_mask: Node) -> None:
+    """Replace the site's SDPA node with :func:`grouped_attention` over the un-repeated cache tensors."""
+    query, _, value, _, dropout_p, _, scale, _ = _sdpa_operands(site)
+    with graph.inserting_before(site.attn):
+        node = graph.call_function(
+            grouped_attention, (query, site.key_source, walk_to_buffer(value), kv_mask),
+            {"dropout_p": dropout_p or 0.0, "scale": scale},
+        )
+    node.meta = dict(site.attn.meta)
+    site.attn.replace_all_uses_with(node)
+    graph.erase_node(site.attn)
+    site.attn = node
 
 
 def _mask_operand(add: Node) -> Node:
