@@ -109,3 +109,14 @@ def test_stats_of_another_model(tmp_path):
     with pytest.raises(tc.StatsError) as exc:
         tc.optimize(other_rope, budget=256, stats=path)
     assert "rope_fingerprint" in _one_line(exc)
+
+
+def test_sliding_window_wider_than_budget():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=512)
+    with pytest.raises(ValueError) as exc:
+        tc.optimize(MistralForCausalLM(config).eval(), budget=256, compiler="eager")
+    msg = _one_line(exc)
+    assert "sliding window 512" in msg and "budget >= 512" in msg and "attention site 0" in msg

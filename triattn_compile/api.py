@@ -44,11 +44,12 @@ class TriAttentionState:
         self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
                                           seed=c.seed)
         self.compaction_seconds = 0.0  # wall time spent in compact(), for benchmarks
+        self.windows: list[int] = []  # per layer: sliding window (0 = global attention, compressed by the policy)
 
     # -- filled in by the backend -------------------------------------------------------------------------------
     def observe(self, gm, sites, example_inputs) -> None:
         """Record (first graph) or check (later graphs) the rotary signature found in a traced graph."""
-        _refuse_sliding_window(self.model, sites)
+        self.windows = sliding_windows(self.model, sites, self.config.budget)
         roped = [s for s in sites if s.query.rotary_dim > 0]
         if not roped:
             raise PatternNotFound("no attention site applies a rotary embedding: TriAttention needs RoPE layers")
@@ -85,7 +86,9 @@ class TriAttentionState:
             nope_layers=",".join(str(s.layer) for s in sites if not s.query.rotary_dim),
         )
         nope = f", NoPE layers {signature.nope_layers}" if signature.nope_layers else ""
-        self.forms = f"{q.form} rotary{nope}, {sites[0].form} attention"  # what the pass recognised (for reports)
+        windowed = ",".join(str(i) for i in self.windowed_layers)
+        window = f", sliding window {max(self.windows)} on layers {windowed}" if windowed else ""
+        self.forms = f"{q.form} rotary{nope}, {sites[0].form} attention{window}"  # what the pass recognised
         if self.signature is not None and abs(signature.attention_scaling - self.signature.attention_scaling) < 1e-2:
             # the scaling is measured from cos/sin in the model's dtype: bf16/fp16 graphs differ in the 3rd digit
             signature = dataclasses.replace(signature, attention_scaling=self.signature.attention_scaling)
@@ -93,6 +96,11 @@ class TriAttentionState:
             self.signature, self.omega = signature, omega
         elif signature != self.signature:
             raise PatternNotFound(f"a later graph of the model has a different attention layout: {signature}")
+
+    @property
+    def windowed_layers(self) -> list[int]:
+        """Sliding-window layers: they keep their most recent tokens; the policy scores the other layers."""
+        return [i for i, w in enumerate(self.windows) if w]
 
     def find_ctrl(self, gm, example_inputs):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -136,25 +144,30 @@ class TriAttentionState:
         if cache.is_full():
             start = time.perf_counter()
             for row in cache.full_rows():
-                compact(cache, self.policy, compaction_inputs(cache, self, row), row)
+                compact(cache, self.policy, compaction_inputs(cache, self, row), row, self.windowed_layers)
             if cache.ctrl.is_cuda:
                 torch.cuda.synchronize(cache.ctrl.device)
             self.compaction_seconds += time.perf_counter() - start
 
 
-def _refuse_sliding_window(model: nn.Module, sites) -> None:
-    """Sliding-window layers are refused: the compressed cache's slot mask would silently drop their window."""
+def sliding_windows(model: nn.Module, sites, budget: int) -> list[int]:
+    """Per attention site, its sliding window (0 for global attention), from the model config's ``sliding_window``
+    and ``layer_types`` (what transformers builds its masks from). A window layer keeps its exact window: it is
+    masked to it and keeps its most recent ``budget`` tokens at each compaction, so the window must fit the budget."""
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) or 0
     types = getattr(config, "layer_types", None) or []
+    windows = []
     for site in sites:
         kind = types[site.layer] if site.layer < len(types) else None
-        if window is not None and kind in (None, "sliding_attention"):
-            raise PatternNotFound(
-                f"attention site {site.layer} ({site.module}): sliding-window attention (window {window}) is not "
-                "supported (the compressed cache would widen the window); build the model with sliding_window=None"
+        windows.append(window if kind in (None, "sliding_attention") else 0)
+        if windows[-1] > budget:
+            raise ValueError(
+                f"attention site {site.layer} ({site.module}): sliding window {window} does not fit budget {budget}; "
+                f"use budget >= {window} so that window layers keep their whole window"
             )
+    return windows
 
 
 def _find_state(model: nn.Module) -> TriAttentionState | None:

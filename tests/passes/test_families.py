@@ -27,10 +27,12 @@ class Family:
     features: str = ""
     attn: str = "sdpa"
     refused: str | None = None  # a substring of the expected one-line error; None = supported
+    exact_long: bool = False  # every layer keeps its whole window: exact through compactions too
 
 
 OBSERVED: dict[str, str] = {}  # what each family test saw (read by families_table.py)
 _MOE = {"num_experts_per_tok": 2}
+_LOCAL_GLOBAL = {"layer_types": ["sliding_attention", "full_attention"]}  # one window layer, one global
 FAMILIES: dict[str, Family] = {
     "llama": Family(T.LlamaConfig, T.LlamaForCausalLM, features="rotate-half"),
     "llama (eager attention)": Family(T.LlamaConfig, T.LlamaForCausalLM, attn="eager",
@@ -59,11 +61,11 @@ FAMILIES: dict[str, Family] = {
     "starcoder2": Family(T.Starcoder2Config, T.Starcoder2ForCausalLM, {"sliding_window": None},
                          features="rotate-half, biases"),
     "mistral (sliding window)": Family(T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 32},
-                                       features="sliding window", refused="sliding-window attention"),
-    "gemma3": Family(T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": 16},
-                     features="local/global layers, QK-norm", refused="sliding-window attention"),
-    "cohere2": Family(T.Cohere2Config, T.Cohere2ForCausalLM, features="interleaved, local/global layers",
-                      refused="sliding-window attention"),
+                                       features="sliding window (every layer)", exact_long=True),
+    "gemma3": Family(T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": 32, **_LOCAL_GLOBAL},
+                     features="local/global layers, per-layer frequencies, QK-norm"),
+    "cohere2": Family(T.Cohere2Config, T.Cohere2ForCausalLM, {"sliding_window": 32, **_LOCAL_GLOBAL},
+                      features="interleaved, local/global layers"),
     "smollm3": Family(T.SmolLM3Config, T.SmolLM3ForCausalLM, {"no_rope_layers": [1, 0]},
                       features="NoPE layers (layer 1 without RoPE)"),
     "deepseek_v3": Family(
@@ -113,9 +115,16 @@ def test_family(name):
     ref = _greedy(model, ids, EXACT)
     tc.optimize(model, budget=BUDGET, divide_length=DIVIDE, compiler="eager")
     assert torch.equal(_greedy(model, ids, EXACT), ref)
-    _greedy(model, ids, LONG)
+    long = _greedy(model, ids, LONG)
     _check_bounded(tc.current_cache(model), PROMPT + LONG - 1)
-    OBSERVED[name] = _describe(model._triattn_state)
+    state, cache = model._triattn_state, tc.current_cache(model)
+    for layer in state.windowed_layers:  # a window layer holds its whole window after compactions
+        window = range(cache.tokens_seen() - state.windows[layer], cache.tokens_seen())
+        assert set(window) <= set(cache.slot_pos[layer, 0, 0].tolist())
+    OBSERVED[name] = _describe(state)
+    if family.exact_long:
+        tc.restore(model)
+        assert torch.equal(long, _greedy(model, ids, LONG))
 
 
 def _describe(state) -> str:

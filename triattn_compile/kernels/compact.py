@@ -65,33 +65,43 @@ def gather_slots(buf: torch.Tensor, idx: torch.Tensor) -> None:
 
 def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> CompactionInputs:
     """What the policy sees for one row (a batch of 1): its occupied slots, its own position and protected prompt,
-    and the statistics of ``state`` (a TriAttentionState)."""
+    and the statistics of ``state`` (a TriAttentionState), for the layers the policy decides (sliding-window layers
+    keep their most recent tokens instead)."""
     used, rows = cache.fill[row], slice(row, row + 1)
+    layers = [i for i in range(len(cache.layers)) if i not in state.windowed_layers]
+    pick = (lambda t: t) if len(layers) == len(cache.layers) else (lambda t: t[layers])
     return CompactionInputs(
-        keys=[layer.keys[rows, :, :used] for layer in cache.layers],
-        positions=cache.slot_pos[:, rows, :, :used],
+        keys=[cache.layers[i].keys[rows, :, :used] for i in layers],
+        positions=pick(cache.slot_pos)[:, rows, :, :used],
         next_position=cache.seen - cache.pads[row],
         num_protected=cache.prompt[row],
         round=cache.row_rounds[row],
-        q_mean=state.stats.q_mean(),
-        q_abs=state.stats.q_abs(),
-        q_pass=state.stats.q_pass_mean(),
-        omega=state.omega,
+        q_mean=pick(state.stats.q_mean()),
+        q_abs=pick(state.stats.q_abs()),
+        q_pass=pick(state.stats.q_pass_mean()),
+        omega=pick(state.omega),
         pairing=state.signature.pairing,
         scale=float(state.signature.attention_scaling),
-        queries=None if cache.queries is None else cache.queries[:, rows],
-        attention=None if cache.attention is None else cache.attention[:, rows, :, :used],
+        queries=None if cache.queries is None else pick(cache.queries)[:, rows],
+        attention=None if cache.attention is None else pick(cache.attention)[:, rows, :, :used],
     )
 
 
 @torch.no_grad()
-def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, row: int = 0) -> torch.Tensor:
+def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, row: int = 0,
+            windowed: list[int] | tuple = ()) -> torch.Tensor | None:
     """Keep ``cache.budget`` slots per KV head of ``row``, chosen by ``policy`` on ``inputs`` (that row's
-    :func:`compaction_inputs`); returns the kept slot indices ``[X, 1, Hkv, budget]``."""
+    :func:`compaction_inputs`) in every layer but the sliding-window layers ``windowed``, which keep their most
+    recent ``budget`` tokens; returns the policy's kept slot indices ``[X, 1, Hkv, budget]`` (``None`` if every
+    layer is windowed)."""
     budget, rows = cache.budget, slice(row, row + 1)
-    idx = keep_slots(policy.scores(inputs), inputs.num_protected, policy.recent_window, budget)
+    idx = keep_slots(policy.scores(inputs), inputs.num_protected, policy.recent_window, budget) if inputs.keys else None
+    scored = [i for i in range(len(cache.layers)) if i not in windowed]
     for i, layer in enumerate(cache.layers):
-        layer_idx = idx[i if idx.shape[0] > 1 else 0]
+        if i in windowed:
+            layer_idx = select_keep(cache.slot_pos[i, rows, :, : cache.fill[row]].float(), 0, budget)
+        else:
+            layer_idx = idx[scored.index(i) if idx.shape[0] > 1 else 0]
         gather_slots(layer.keys[rows], layer_idx)
         gather_slots(layer.values[rows], layer_idx)
         gather_slots(cache.slot_pos[i, rows], layer_idx)

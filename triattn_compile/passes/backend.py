@@ -60,7 +60,8 @@ class TriAttentionBackend:
         if self.mode == "compress":
             ctrl = state.find_ctrl(gm, example_inputs)
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
-            masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"]) for site in sites]
+            masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], state.windows[site.layer])
+                     for site in sites]
             counters["triattn"]["grouped"] += sum(site.attn.target is grouped_attention for site in sites)
             if "queries" in extra:
                 insert_query_record(gm.graph, sites, extra["queries"])

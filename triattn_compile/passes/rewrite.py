@@ -43,17 +43,21 @@ def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) 
             )
 
 
-def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor, layer: int) -> torch.Tensor:
+def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor, layer: int,
+                   window: int = 0) -> torch.Tensor:
     """``[B, Hkv, T, C]`` bool: what each query of the step sees in layer ``layer`` (traced into the graph).
 
     ``slot_pos`` already holds the step's positions (``triattn::record_positions``); a row's query ``t`` is at
-    position ``fed + t - pad``; a padding query (negative position) sees only its own slot.
+    position ``fed + t - pad``; a padding query (negative position) sees only its own slot. A sliding-window layer
+    (``window > 0``) sees only positions ``> q - window``, as the model's own mask.
     """
     slot_pos = slot_pos[layer]  # [B, Hkv, C]
     slots = slots.expand(slot_pos.shape[0], -1) if slots.dim() == 1 else slots  # [B, T]
     query_pos = ctrl[SEEN][:, None] + torch.arange(slots.shape[-1], device=slots.device) - ctrl[PAD][:, None]
     pos = slot_pos[:, :, None, :]  # [B, Hkv, 1, C]
     visible = (pos >= 0) & (pos <= query_pos[:, None, :, None])
+    if window:
+        visible &= pos > query_pos[:, None, :, None] - window
     own = torch.arange(slot_pos.shape[-1], device=slots.device) == slots[:, None, :, None]  # [B, 1, T, C]
     return visible | own
 
@@ -70,7 +74,7 @@ def insert_positions(graph: Graph, sites: list[AttentionSite], ctrl: Node, slot_
         graph.call_function(torch.ops.triattn.record_positions.default, (ctrl, slot_pos, sites[0].write_slots))
 
 
-def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_pos: Node) -> Node:
+def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_pos: Node, window: int = 0) -> Node:
     """Replace the site's attention mask with :func:`occupied_slots` (expanded to the query heads); returns the
     ``[B, Hkv, T, C]`` mask node.
 
@@ -79,7 +83,7 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     """
     heads = int(fake_value(_query_operand(site)).shape[1])
     with graph.inserting_before(site.attn):
-        kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer))
+        kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer, window))
         mask = graph.call_function(expand_heads, (kv_mask, heads))  # [B, H, T, C] bool
     if site.form == "eager":
         if site.mask_add is not None:
