@@ -1,0 +1,43 @@
+"""Profile one optimized decode step of SmolLM2-135M with a full cache (``torch.profiler``, top ops by self time).
+
+    python bench/profile_step.py [--budget 1024] [--steps 5] [--threads 2]
+
+The prompt (``budget + 76`` tokens of real text, no prompt protection) fills the cache in one prefill; the profiled
+steps then run at capacity, compaction included when it falls due.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import profile
+
+import triattn_compile as tc
+from triattn_compile.bench import text_ids
+from triattn_compile.loading import load_model
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    tc.optimize(model, budget=args.budget, protect_prompt=False)
+    out = model(input_ids=text_ids(tokenizer, args.budget + 76), use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(3):  # compile the decode graph and warm up
+        token = model(input_ids=token, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
+    with profile() as prof:
+        for _ in range(args.steps):
+            token = model(input_ids=token, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
