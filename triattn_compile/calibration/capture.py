@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def band_parts(x: torch.Tensor, pairing: str, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of the rotary bands of ``x[..., D]`` (as ``to_complex_pairs``, without complex
-    dtypes, which Inductor does not generate code for)."""
-    if pairing == "half":
-        return x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
-    return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+from triattn_compile.kernels.scoring.naive import band_parts
 
 
 def capture_queries(

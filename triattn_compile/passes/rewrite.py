@@ -136,8 +136,9 @@ def _sdpa_operands(site: AttentionSite) -> list:
 def _grouped(site: AttentionSite) -> bool:
     """Whether the site's SDPA can read the cache buffers directly (:func:`grouped_attention`): its key and value
     walk back (through repeat_kv) to ``[B, Hkv, C, D]`` tensors whose Hkv divides the query heads."""
-    query, key, value = (fake_value(n) for n in _sdpa_operands(site)[:3])
-    k, v = (fake_value(site.key_source), fake_value(walk_to_buffer(_sdpa_operands(site)[2])))
+    query_node, key_node, value_node = _sdpa_operands(site)[:3]
+    query, key = fake_value(query_node), fake_value(key_node)
+    k, v = fake_value(site.key_source), fake_value(walk_to_buffer(value_node))
     if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (query, key, k, v)):
         return False
     return (k.shape[1] == v.shape[1] and query.shape[1] % k.shape[1] == 0 and k.shape[2] == key.shape[2]

@@ -53,10 +53,16 @@ def to_complex_pairs(x: torch.Tensor, pairing: str, rotary_dim: int | None = Non
     """
     r = x.shape[-1] if rotary_dim is None else rotary_dim
     x = x[..., :r].float() if x.dtype not in (torch.float32, torch.float64) else x[..., :r]
+    return torch.complex(*band_parts(x, pairing, r))
+
+
+def band_parts(x: torch.Tensor, pairing: str, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts of the rotary bands of ``x[..., D]`` (:func:`to_complex_pairs` without a complex
+    dtype, which Inductor does not generate code for)."""
     if pairing == "half":
-        return torch.complex(x[..., : r // 2], x[..., r // 2 :])
+        return x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
     if pairing == "interleaved":
-        return torch.complex(x[..., 0::2], x[..., 1::2])
+        return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
     raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
 
 
