@@ -20,6 +20,7 @@ from triattn_compile.config import TriAttentionConfig
 from triattn_compile.kernels.compact import compact, compaction_inputs
 from triattn_compile.passes.backend import TriAttentionBackend
 from triattn_compile.passes.frequencies import rotary_frequencies
+from triattn_compile.passes.latent import latent_projection
 from triattn_compile.passes.match import PatternNotFound
 from triattn_compile.passes.rotary import fake_value
 from triattn_compile.policies import Policy, make_policy
@@ -45,6 +46,9 @@ class TriAttentionState:
                                           seed=c.seed)
         self.compaction_seconds = 0.0  # wall time spent in compact(), for benchmarks
         self.windows: list[int] = []  # per layer: sliding window (0 = global attention, compressed by the policy)
+        self.key_pairing, self.rotary_start = "half", 0  # layout of the cached (rotated) keys
+        self.kv_dims: list[tuple[int, int]] = []  # per layer: last dims of the cached keys and values
+        self.latent_maps: dict[int, torch.Tensor] = {}  # latent (MLA) layers: key up-projection [H, R, P]
 
     # -- filled in by the backend -------------------------------------------------------------------------------
     def observe(self, gm, sites, example_inputs) -> None:
@@ -54,13 +58,19 @@ class TriAttentionState:
         if not roped:
             raise PatternNotFound("no attention site applies a rotary embedding: TriAttention needs RoPE layers")
         q = roped[0].query
+        layout = lambda m: (m.pairing, m.key_pairing, m.rotary_dim, m.rotary_start)  # noqa: E731
         for site in roped[1:]:
-            if (site.query.pairing, site.query.rotary_dim) != (q.pairing, q.rotary_dim):
+            if layout(site.query) != layout(q):
                 raise PatternNotFound(
                     f"attention site {site.layer} ({site.module}): rotary {site.query.form} {site.query.pairing} "
-                    f"over {site.query.rotary_dim} dims differs from site {roped[0].layer} ({q.pairing} over "
-                    f"{q.rotary_dim}); per-layer rotary layouts are not supported"
+                    f"over dims {site.query.rotary_start}+{site.query.rotary_dim} differs from site "
+                    f"{roped[0].layer} ({q.pairing} over {q.rotary_start}+{q.rotary_dim}); per-layer rotary layouts "
+                    "are not supported"
                 )
+        self.key_pairing, self.rotary_start = q.key_pairing, q.rotary_start
+        if any(s.kv_dims[0] for s in sites):
+            self.kv_dims = [s.kv_dims for s in sites]
+        self._observe_latent(gm, sites, example_inputs)
         inv_freq = next((b for n, b in self.model.named_buffers() if n.endswith("inv_freq")), None)
         # later graphs (prefill, decode) fall back to the frequencies found on the first (the probe at positions 0, 1)
         fallbacks = list(self.omega) if self.omega is not None and len(self.omega) == len(sites) else None
@@ -88,7 +98,8 @@ class TriAttentionState:
         nope = f", NoPE layers {signature.nope_layers}" if signature.nope_layers else ""
         windowed = ",".join(str(i) for i in self.windowed_layers)
         window = f", sliding window {max(self.windows)} on layers {windowed}" if windowed else ""
-        self.forms = f"{q.form} rotary{nope}, {sites[0].form} attention{window}"  # what the pass recognised
+        latent = ", latent (MLA) keys" if self.latent_maps else ""
+        self.forms = f"{q.form} rotary{nope}, {sites[0].form} attention{latent}{window}"  # what the pass recognised
         if self.signature is not None and abs(signature.attention_scaling - self.signature.attention_scaling) < 1e-2:
             # the scaling is measured from cos/sin in the model's dtype: bf16/fp16 graphs differ in the 3rd digit
             signature = dataclasses.replace(signature, attention_scaling=self.signature.attention_scaling)
@@ -96,6 +107,24 @@ class TriAttentionState:
             self.signature, self.omega = signature, omega
         elif signature != self.signature:
             raise PatternNotFound(f"a later graph of the model has a different attention layout: {signature}")
+
+    def _observe_latent(self, gm, sites, example_inputs) -> None:
+        """Multi-head latent attention: read each layer's key up-projection off the first graph with a cache."""
+        latent = [s for s in sites if s.latent is not None and s.latent.latent is not None]
+        if not latent or self.latent_maps:
+            return
+        if self.policy.query_window or self.policy.accumulate_attention:
+            raise ValueError(f"policy {self.policy.name!r} needs per-head keys, which a latent (MLA) cache does not "
+                             "hold; use policy='triattention' or 'streamingllm' with this model")
+        self.latent_maps = {s.layer: latent_projection(gm, s, example_inputs) for s in latent}
+
+    def scoring_keys(self, cache: CompressedCache, layer: int, rows: slice, used: int) -> torch.Tensor:
+        """A layer's occupied keys laid out like the statistics, ``[rotary ; pass-through]`` (a latent layer:
+        ``[k_pe ; latent]``, scored against the folded query centre, ``kernels/scoring/naive.py``)."""
+        keys = cache.layers[layer].keys[rows, :, :used]
+        if layer in self.latent_maps:
+            return torch.cat([cache.layers[layer].values[rows, :, :used], keys], -1)
+        return keys.roll(-self.rotary_start, -1) if self.rotary_start else keys
 
     @property
     def windowed_layers(self) -> list[int]:
@@ -129,7 +158,9 @@ class TriAttentionState:
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> CompressedCache:
         sig = self.signature
         cache = CompressedCache(sig.num_layers, self.config.budget, self.config.divide_length, device, batch)
-        cache.early_initialization(batch, sig.num_kv_heads, sig.head_dim, dtype, device)
+        for layer, (key_dim, value_dim) in zip(cache.layers, self.kv_dims):
+            layer.lazy_initialization(torch.empty(batch, sig.num_kv_heads, 0, key_dim, dtype=dtype, device=device),
+                                      torch.empty(batch, sig.num_kv_heads, 0, value_dim, dtype=dtype, device=device))
         cache.allocate_positions(batch, sig.num_kv_heads)
         layers, window = sig.num_layers, self.policy.query_window
         if window:

@@ -23,7 +23,7 @@ from triattn_compile.kernels.scoring.triton_kernel import score_keys
 class CompactionInputs:
     """What a policy may look at when the cache is full (``N`` occupied slots, in temporal order)."""
 
-    keys: list[torch.Tensor]  # per layer: occupied post-RoPE keys [B, Hkv, N, D]
+    keys: list[torch.Tensor]  # per layer: occupied post-RoPE keys [B, Hkv, N, D], [rotary ; pass] (MLA: [k_pe ; c_kv])
     positions: torch.Tensor  # [L, B, Hkv, N] absolute positions
     next_position: int  # absolute position of the next token
     num_protected: int  # leading slots that are always kept (the prompt, when protected)
@@ -35,7 +35,7 @@ class CompactionInputs:
     scale: float  # attention scaling of the rotary embedding
     queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries (query_window > 0)
     attention: torch.Tensor | None = None  # [L, B, Hkv, N] accumulated attention (accumulate_attention)
-    q_pass: torch.Tensor | None = None  # [L, H, P]: calibrated mean of the pass-through (non-rotary) query dims
+    q_pass: torch.Tensor | list | None = None  # [L, H, P]: mean of the pass-through query dims (MLA: folded [H, R])
 
     @property
     def num_kv_heads(self) -> int:

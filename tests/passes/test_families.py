@@ -32,6 +32,10 @@ class Family:
 
 OBSERVED: dict[str, str] = {}  # what each family test saw (read by families_table.py)
 _MOE = {"num_experts_per_tok": 2}
+_MLA = {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+        "v_head_dim": 16}
+_MLA_MOE = {"n_routed_experts": 4, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1,
+            "topk_group": 1, **_MOE}
 _LOCAL_GLOBAL = {"layer_types": ["sliding_attention", "full_attention"]}  # one window layer, one global
 FAMILIES: dict[str, Family] = {
     "llama": Family(T.LlamaConfig, T.LlamaForCausalLM, features="rotate-half"),
@@ -68,12 +72,17 @@ FAMILIES: dict[str, Family] = {
                       features="interleaved, local/global layers"),
     "smollm3": Family(T.SmolLM3Config, T.SmolLM3ForCausalLM, {"no_rope_layers": [1, 0]},
                       features="NoPE layers (layer 1 without RoPE)"),
-    "deepseek_v3": Family(
-        T.DeepseekV3Config, T.DeepseekV3ForCausalLM,
-        {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8,
-         "qk_nope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 4, "moe_intermediate_size": 32,
-         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, **_MOE},
-        features="MLA (trailing rotary dims), MoE", refused="no rotary embedding recognised"),
+    "deepseek_v3": Family(T.DeepseekV3Config, T.DeepseekV3ForCausalLM, {**_MLA, **_MLA_MOE},
+                          features="MLA (latent cache), trailing de-interleaved rotary, MoE"),
+    "deepseek_v2": Family(T.DeepseekV2Config, T.DeepseekV2ForCausalLM, {**_MLA, **_MLA_MOE},
+                          features="MLA (latent cache), trailing complex rotary, MoE"),
+    "minicpm3": Family(T.MiniCPM3Config, T.MiniCPM3ForCausalLM, _MLA,
+                       features="MLA (latent cache), trailing rotate-half"),
+    "glm4_moe_lite": Family(T.Glm4MoeLiteConfig, T.Glm4MoeLiteForCausalLM, {**_MLA, **_MLA_MOE},
+                            features="MLA (latent cache), trailing de-interleaved rotary, MoE"),
+    "mistral4": Family(T.Mistral4Config, T.Mistral4ForCausalLM, _MLA,
+                       features="MLA with a position-dependent query scale (Llama-4 attn scale)",
+                       refused="no rotary embedding recognised on the query"),
 }
 
 

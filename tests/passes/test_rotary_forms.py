@@ -46,29 +46,48 @@ def _rope_every_two(x, cos, sin):
     return x * cos + _every_two(x) * sin
 
 
+def _deinterleave(x, c, s):  # DeepSeek rope_interleave: pairs (2f, 2f + 1) in, halves out
+    x1, x2, c, s = x[..., 0::2], x[..., 1::2], c[..., : x.shape[-1] // 2], s[..., : x.shape[-1] // 2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
+
+
+def _trailing_split(x, c, s):  # MLA: q_nope, q_pe = split(q, [4, 4]); cat(q_nope, rope(q_pe))
+    nope, pe = torch.split(x, [4, 4], dim=-1)
+    return torch.cat((nope, _deinterleave(pe, c, s)), dim=-1)
+
+
+# form: (fn, pairing of the pre-RoPE input, rotary dims, first rotary dim, pairing of the rotated output)
 FORMS = {
-    "rotate-half": (lambda x, c, s: x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s, "half", 8),
-    "rotate-every-two": (lambda x, c, s: x * c + _every_two(x) * s, "interleaved", 8),
+    "rotate-half": (lambda x, c, s: x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s, "half", 8, 0, "half"),
+    "rotate-every-two": (lambda x, c, s: x * c + _every_two(x) * s, "interleaved", 8, 0, "interleaved"),
     "partial": (lambda x, c, s: torch.cat((_rope_every_two(x[..., :4], c[..., :4], s[..., :4]), x[..., 4:]), -1),
-                "interleaved", 4),
+                "interleaved", 4, 0, "interleaved"),
+    "trailing partial": (lambda x, c, s: torch.cat((x[..., :4], _rope_every_two(x[..., 4:], c[..., 4:], s[..., 4:])),
+                                                   -1), "interleaved", 4, 4, "interleaved"),
     "complex": (lambda x, c, s: torch.view_as_real(
         torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * torch.polar(c[..., :4], s[..., :4])
-    ).flatten(3), "interleaved", 8),
+    ).flatten(3), "interleaved", 8, 0, "interleaved"),
+    "de-interleave": (_deinterleave, "interleaved", 8, 0, "half"),
+    "trailing split de-interleave (MLA)": (_trailing_split, "interleaved", 4, 4, "half"),
 }
 NEAR_MISSES = {
     "swapped signs": lambda x, c, s: x * c + torch.stack((x[..., 1::2], -x[..., ::2]), dim=-1).flatten(-2) * s,
     "wrong half": lambda x, c, s: x * c + torch.cat((-x[..., 2:], x[..., :2]), -1) * s,
     "other tensor rotated": lambda x, c, s: x * c + _every_two(x + 1) * s,
-    "pass-through first": lambda x, c, s: torch.cat((x[..., :4], _rope_every_two(x[..., 4:], c[..., 4:], s[..., 4:])),
-                                                    -1),
+    "pass-through in the middle": lambda x, c, s: torch.cat(
+        (x[..., :2], _rope_every_two(x[..., 2:6], c[..., 2:6], s[..., 2:6]), x[..., 6:]), -1),
+    "de-interleave, wrong cross term": lambda x, c, s: torch.cat(
+        (x[..., 0::2] * c[..., :4] - x[..., 1::2] * s[..., :4], x[..., 0::2] * c[..., :4] + x[..., 1::2] * s[..., :4]),
+        -1),
 }
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_form_is_recognised(form):
-    fn, pairing, rotary_dim = FORMS[form]
+    fn, pairing, rotary_dim, start, key_pairing = FORMS[form]
     m = _matches(fn)
-    assert m is not None and (m.pairing, m.rotary_dim) == (pairing, rotary_dim)
+    assert m is not None and (m.pairing, m.rotary_dim, m.rotary_start, m.key_pairing) == (
+        pairing, rotary_dim, start, key_pairing)
     assert m.pre.op == "placeholder" or m.pre.args[0].op == "placeholder"  # the pre-RoPE tensor is x (or x.float())
 
 

@@ -23,11 +23,15 @@ def capture_queries(
     head_axis: int,
     pairing: str,
     rotary_dim: int,
+    rotary_start: int = 0,
 ) -> None:
     """Accumulate pre-RoPE queries ``q_pre`` (heads on ``head_axis``, head_dim last) into the ``[L, H, F]`` band
-    sums and the ``[L, H, P]`` sums of the pass-through dims (the last ``D - rotary_dim`` of them), in float64."""
+    sums and the ``[L, H, P]`` sums of the pass-through dims, in float64. The rotary dims start at ``rotary_start``
+    (trailing in MLA); statistics always list them first: ``[rotary ; pass-through]``."""
     q = q_pre.detach().movedim(head_axis, -2)
     q = q.reshape(-1, q.shape[-2], q.shape[-1]).double()  # [N, H, D]
+    if rotary_start:
+        q = q.roll(-rotary_start, -1)
     if rotary_dim:  # a NoPE layer (rotary_dim 0) has no bands: all its dims pass through
         re, im = band_parts(q, pairing, rotary_dim)  # [N, H, F]
         sum_re[layer] += re.sum(0)

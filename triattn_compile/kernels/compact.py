@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from triattn_compile.cache import OCCUPIED, PAD, SEEN, CompressedCache
-from triattn_compile.kernels.scoring.naive import select_keep
+from triattn_compile.kernels.scoring.naive import fold_latent_query, select_keep
 from triattn_compile.policies import CompactionInputs, Policy
 
 
@@ -70,19 +70,24 @@ def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> Compaction
     used, rows = cache.fill[row], slice(row, row + 1)
     layers = [i for i in range(len(cache.layers)) if i not in state.windowed_layers]
     pick = (lambda t: t) if len(layers) == len(cache.layers) else (lambda t: t[layers])
+    q_pass = pick(state.stats.q_pass_mean())
+    if state.latent_maps:
+        q_pass = [fold_latent_query(q, state.latent_maps[i]) if i in state.latent_maps else q
+                  for i, q in zip(layers, q_pass)]
+    queries = None if cache.queries is None else pick(cache.queries)[:, rows]
     return CompactionInputs(
-        keys=[cache.layers[i].keys[rows, :, :used] for i in layers],
+        keys=[state.scoring_keys(cache, i, rows, used) for i in layers],
         positions=pick(cache.slot_pos)[:, rows, :, :used],
         next_position=cache.seen - cache.pads[row],
         num_protected=cache.prompt[row],
         round=cache.row_rounds[row],
         q_mean=pick(state.stats.q_mean()),
         q_abs=pick(state.stats.q_abs()),
-        q_pass=pick(state.stats.q_pass_mean()),
+        q_pass=q_pass,
         omega=pick(state.omega),
-        pairing=state.signature.pairing,
+        pairing=state.key_pairing,
         scale=float(state.signature.attention_scaling),
-        queries=None if cache.queries is None else pick(cache.queries)[:, rows],
+        queries=queries.roll(-state.rotary_start, -1) if queries is not None and state.rotary_start else queries,
         attention=None if cache.attention is None else pick(cache.attention)[:, rows, :, :used],
     )
 

@@ -20,22 +20,25 @@ from triattn_compile.passes.match import AttentionSite
 log = logging.getLogger(__name__)
 
 
-def _ancestors(nodes: list[Node]) -> set[Node]:
+def _ancestors(nodes: list[Node], given: dict | None = None) -> set[Node]:
     seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            if n not in (given or {}):
+                stack.extend(n.all_input_nodes)
     return seen
 
 
-def evaluate(gm: GraphModule, targets: list[Node], example_inputs: list) -> list:
-    """Run only the part of ``gm`` that ``targets`` depend on (pure ops only) and return their values."""
-    needed = _ancestors(targets)
+def evaluate(gm: GraphModule, targets: list[Node], example_inputs: list, given: dict | None = None) -> list:
+    """Run only the part of ``gm`` that ``targets`` depend on (pure ops only) and return their values; ``given``
+    (node -> value) replaces nodes, whose own inputs are then not computed."""
+    needed = _ancestors(targets, given)
     interp = Interpreter(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env = {n: v for n, v in zip(placeholders, example_inputs) if n in needed}
+    env.update(given or {})
     interp.env = env
     for node in gm.graph.nodes:
         if node in needed and node not in env:
@@ -45,14 +48,14 @@ def evaluate(gm: GraphModule, targets: list[Node], example_inputs: list) -> list
 
 def _bands(table: torch.Tensor, pairing: str, layout: str, bands: int) -> torch.Tensor:
     """The per-band columns of a cos/sin table ``[..., C]`` laid out like the rotated tensor (or one per band)."""
-    if layout == "complex":
+    if layout in ("complex", "bands"):
         return table[..., :bands]
     return table[..., :bands] if pairing == "half" else table[..., 0 : 2 * bands : 2]
 
 
 def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout: str, bands: int):
     """ω ``[F]`` from cos/sin values taken at positions {0, 1} only, else ``None`` (rows must be 0 or one ω row)."""
-    angle = torch.atan2(sin.double(), cos.double()) if layout == "real" else torch.angle(cos.to(torch.complex128))
+    angle = torch.atan2(sin.double(), cos.double()) if layout != "complex" else torch.angle(cos.to(torch.complex128))
     rows = _bands(angle, pairing, layout, bands).reshape(-1, bands)
     omega = rows[rows.abs().sum(-1).argmax()]
     zero = rows.abs().amax(-1) < 1e-6
@@ -90,5 +93,5 @@ def rotary_frequencies(
             f"attention site {site.layer} ({site.module}): cannot find the RoPE frequencies in the graph "
             "(no inv_freq input and no cos/sin at positions 0 and 1); give the model an inv_freq buffer"
         )
-    mag = torch.sqrt(cos.double() ** 2 + sin.double() ** 2) if layout == "real" else cos.abs().double()
+    mag = torch.sqrt(cos.double() ** 2 + sin.double() ** 2) if layout != "complex" else cos.abs().double()
     return omega, float(mag.mean())

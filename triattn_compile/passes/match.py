@@ -5,6 +5,11 @@ Anchor on each attention node: ``scaled_dot_product_attention``, or the explicit
 GPT-J). Follow its query back through layout ops to the rotated query and match the rotary form there
 (``rotary.py``); follow its key/value back through ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) to the
 cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token into it.
+
+A key assembled per head from a rotary part shared by all heads and a projection of a latent (multi-head latent
+attention, DeepSeek-V2/V3: ``key = cat(W_UK c_kv, k_pe)``, as a ``cat`` or as ``copy_`` into slices of an empty
+tensor) is a :class:`LatentKey`: its cache holds the latent and the rotary part, and ``passes/latent.py`` reads the
+projection off the graph.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from triattn_compile.passes.rotary import ROTARY_FORM_NAMES, RotaryMatch, fake_value, match_rotary
+from triattn_compile.passes.rotary import ROTARY_FORM_NAMES, RotaryMatch, fake_value, last_axis_range, match_rotary
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
@@ -37,6 +42,16 @@ class PatternNotFound(ValueError):
 
 
 @dataclass
+class LatentKey:
+    """A key assembled along its last axis from ``rotary`` (one rotated key per token, broadcast over the heads) at
+    the query's rotary dims and ``projection`` (per head, computed from a latent) at the others."""
+
+    rotary: Node  # the rotary part before the broadcast [B, 1, S, r] (with a cache: the cache buffer)
+    projection: Node  # the key's other dims [B, H, S, P]
+    latent: Node | None = None  # with a cache: the cache buffer the projection is computed from
+
+
+@dataclass
 class AttentionSite:
     """One attention layer of the traced model, as the rewrite sees it."""
 
@@ -53,6 +68,8 @@ class AttentionSite:
     key_buffer: Node | None = None
     value_buffer: Node | None = None
     write_slots: Node | None = None  # [B, T] (or [T]) slots the new tokens were written to
+    latent: LatentKey | None = None  # multi-head latent attention: the cache holds (latent, rotary part)
+    kv_dims: tuple[int, int] = (0, 0)  # last dims of the cached keys and values
 
 
 def module_of(node: Node) -> str:
@@ -121,6 +138,59 @@ def _written(write: Node) -> tuple[Node, Node]:
 
 def _is(node: object, *targets) -> bool:
     return isinstance(node, Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+_EMPTY = ("new_empty", "new_zeros", torch.empty, torch.zeros, torch.empty_like, torch.zeros_like)
+
+
+def _last_axis_parts(node: Node) -> list[tuple[int, int, Node]] | None:
+    """``[(start, stop, part)]`` of a tensor assembled along its last axis, covering it: ``cat(parts, -1)``, or an
+    empty tensor whose last-axis slices are each filled by one ``copy_``."""
+    val = fake_value(node)
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    width, parts = int(val.shape[-1]), []
+    if _is(node, torch.cat, "cat") and _arg(node, 1, "dim") in (-1, val.dim() - 1):
+        start = 0
+        for part in node.args[0]:
+            stop = start + int(fake_value(part).shape[-1])
+            parts.append((start, stop, part))
+            start = stop
+    elif _is(node, *_EMPTY):
+        for view in node.users:
+            found = last_axis_range(view)
+            copies = [u for u in view.users if _is(u, "copy_") and u.args[0] is view]
+            if found is not None and found[0] is node and len(copies) == 1:
+                parts.append((found[1] or 0, width if found[2] is None else found[2], copies[0].args[1]))
+    parts.sort(key=lambda p: p[0])
+    edges = [0] + [b for _, b, _ in parts]
+    if len(parts) < 2 or any(a != e for (a, _, _), e in zip(parts, edges)) or edges[-1] != width:
+        return None
+    return parts
+
+
+def _latent_key(key: Node, query: RotaryMatch) -> LatentKey | None:
+    """The key as a :class:`LatentKey`: two parts, the one at the query's rotary dims shared by all heads."""
+    parts = _last_axis_parts(key)
+    if parts is None or len(parts) != 2 or not query.rotary_dim:
+        return None
+    span = (query.rotary_start, query.rotary_start + query.rotary_dim)
+    rotary = [walk_to_buffer(p) for a, b, p in parts if (a, b) == span]
+    projection = [p for a, b, p in parts if (a, b) != span]
+    if len(rotary) != 1 or int(fake_value(rotary[0]).shape[1]) >= int(fake_value(key).shape[1]):
+        return None
+    return LatentKey(rotary[0], projection[0])
+
+
+def _cache_buffer_above(node: Node, depth: int = 12) -> Node | None:
+    """The nearest ancestor of ``node`` that a cache write writes into."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [i for n in frontier for i in n.all_input_nodes]
+        for n in frontier:
+            if _cache_write(n) is not None:
+                return n
+    return None
 
 
 def _arg(node: Node, index: int, name: str):
@@ -215,25 +285,31 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                 f"supported forms: {', '.join(ROTARY_FORM_NAMES)}"
             )
         key_source = walk_to_buffer(k_arg)
+        latent = None if _cache_write(key_source) else _latent_key(key_source, query)
         site = AttentionSite(
-            len(sites), module_of(node), node, query, head_axis, key_source, form, softmax, mask_add, q_arg
+            len(sites), module_of(node), node, query, head_axis, latent.rotary if latent else key_source, form,
+            softmax, mask_add, latent=latent,
         )
         if need_cache:
-            site.key_buffer = key_source
-            site.value_buffer = walk_to_buffer(v_arg)
-            kw, vw = _cache_write(site.key_buffer), _cache_write(site.value_buffer)
+            if latent is not None:
+                latent.latent = _cache_buffer_above(latent.projection)
+                kw, vw = _cache_write(latent.latent) if latent.latent else None, _cache_write(latent.rotary)
+            else:
+                kw, vw = _cache_write(key_source), _cache_write(walk_to_buffer(v_arg))
             if kw is None or vw is None:
                 raise PatternNotFound(
                     f"{where}: keys/values do not come from the compressed cache; the model must pass "
                     "`past_key_values` to its attention layers"
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
-            slots, new_keys = _written(kw)
-            site.write_slots = slots
-            k_post = _walk_layout(new_keys, head_axis=1)[0]
+            site.write_slots, new_keys = _written(kw)
+            new_values = _written(vw)[1]
+            site.kv_dims = (int(fake_value(new_keys).shape[-1]), int(fake_value(new_values).shape[-1]))
+            rotated = new_values if latent else new_keys  # a latent cache keeps the rotated key as its "values"
+            k_post = _walk_layout(rotated, head_axis=1)[0]
             site.key = match_rotary(k_post) or _unrotated(k_post)
             if site.key is None or site.key.pairing != query.pairing or site.key.rotary_dim != query.rotary_dim:
-                raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({kw.args[3].name})")
+                raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({k_post.name})")
         sites.append(site)
     if not sites:
         raise PatternNotFound(

@@ -39,7 +39,8 @@ def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) 
         with graph.inserting_after(site.query.pre):
             graph.call_function(
                 capture_queries,
-                (site.query.pre, *stats, site.layer, site.head_axis, site.query.pairing, site.query.rotary_dim),
+                (site.query.pre, *stats, site.layer, site.head_axis, site.query.pairing, site.query.rotary_dim,
+                 site.query.rotary_start),
             )
 
 
@@ -136,6 +137,8 @@ def _sdpa_operands(site: AttentionSite) -> list:
 def _grouped(site: AttentionSite) -> bool:
     """Whether the site's SDPA can read the cache buffers directly (:func:`grouped_attention`): its key and value
     walk back (through repeat_kv) to ``[B, Hkv, C, D]`` tensors whose Hkv divides the query heads."""
+    if site.latent is not None:  # the key is assembled from the cache, not read from it
+        return False
     query_node, key_node, value_node = _sdpa_operands(site)[:3]
     query, key = fake_value(query_node), fake_value(key_node)
     k, v = fake_value(site.key_source), fake_value(walk_to_buffer(value_node))

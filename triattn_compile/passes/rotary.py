@@ -9,8 +9,12 @@ width) or ``None``. Adding a form means adding a row.
   ``x*cos + stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2)*sin``.
 * complex (pairing "interleaved"; Meta reference, gpt-fast):
   ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs_cis).flatten(-2)``.
-* partial (pairing of the inner form; GPT-NeoX, Phi, GLM): ``cat(rope(x[..., :r]), x[..., r:])``. Trailing rotary
-  dims (``cat(x[..., :p], rope(x[..., p:]))``, MLA) are not recognised yet.
+* de-interleave (pairs in, halves out; DeepSeek-V2/V3's ``rope_interleave``): with
+  ``x1, x2 = x[..., ::2], x[..., 1::2]``, ``cat(x1*cos - x2*sin, x2*cos + x1*sin)``: the query statistics pair
+  ``interleaved``, the rotated keys ``half``.
+* partial (pairing of the inner form): ``cat(rope(x[..., :r]), x[..., r:])`` (GPT-NeoX, Phi, GLM) or trailing
+  rotary dims ``cat(x[..., :p], rope(x[..., p:]))`` (MLA's ``cat(q_nope, rope(q_pe))``); the parts may be slices or
+  ``torch.split`` outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch.fx import Node
 
 @dataclass
 class RotaryMatch:
-    """``post = RoPE(pre)`` with angles from ``cos``/``sin``; ``rotary_dim`` leading dims of the last axis rotate."""
+    """``post = RoPE(pre)`` with angles from ``cos``/``sin``: dims ``[rotary_start, rotary_start + rotary_dim)`` of the
+    last axis rotate, paired as ``pairing`` in ``pre`` and as :attr:`key_pairing` in ``post``."""
 
     pre: Node
     post: Node
@@ -34,7 +39,14 @@ class RotaryMatch:
     pairing: str
     rotary_dim: int
     form: str
-    table: str = "real"  # "real": cos/sin laid out like x (per pairing); "complex": cos is sin is e^{iωt} [..., F]
+    table: str = "real"  # "real": cos/sin laid out like x; "bands": one column per band [..., F]; "complex": e^{iωt}
+    rotary_start: int = 0
+    rotated_pairing: str | None = None  # pairing of the rotated output, when it differs from the input's
+
+    @property
+    def key_pairing(self) -> str:
+        """Pairing of the rotated tensor (what the cached keys are scored with)."""
+        return self.rotated_pairing or self.pairing
 
 
 def _is(node: object, *targets) -> bool:
@@ -75,12 +87,30 @@ def _last_slice(node: object) -> tuple[Node, slice] | None:
     return None
 
 
-def _slice_last(node: object) -> tuple[Node, int | None, int | None] | None:
-    """``x[..., a:b]`` -> ``(x, a, b)``."""
+def _split_part(node: object) -> tuple[Node, int, int] | None:
+    """``torch.split(x, sizes, -1)[i]`` -> ``(x, start, stop)`` of part i along the last axis."""
+    if not _is(node, operator.getitem) or not isinstance(node.args[1], int):
+        return None
+    split, i = node.args
+    if not _is(split, torch.split, "split") or not isinstance(split.args[0], Node):
+        return None
+    x, sizes = split.args[0], split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
+    dim, ndim = _dim_arg(split, 2), fake_value(x).dim()
+    if dim % ndim != ndim - 1:
+        return None
+    if isinstance(sizes, int):
+        return x, i * sizes, (i + 1) * sizes
+    if isinstance(sizes, (list, tuple)) and all(isinstance(n, int) for n in sizes):
+        return x, sum(sizes[:i]), sum(sizes[: i + 1])
+    return None
+
+
+def last_axis_range(node: object) -> tuple[Node, int | None, int | None] | None:
+    """``x[..., a:b]`` (or a ``split`` part of the last axis) -> ``(x, a, b)``."""
     found = _last_slice(node)
     if found is not None and found[1].step in (None, 1):
         return found[0], found[1].start, found[1].stop
-    return None
+    return _split_part(node)
 
 
 def _strided_last(node: object) -> tuple[Node, int] | None:
@@ -126,7 +156,7 @@ def _rotate_half_of(node: object) -> Node | None:
     parts = node.args[0]
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not _is(parts[0], *_NEG):
         return None
-    hi, lo = _slice_last(parts[0].args[0]), _slice_last(parts[1])
+    hi, lo = last_axis_range(parts[0].args[0]), last_axis_range(parts[1])
     if hi is None or lo is None or hi[0] is not lo[0]:
         return None
     half = _last_dim(lo[0])
@@ -184,28 +214,71 @@ def match_complex(post: Node) -> RotaryMatch | None:
     return None
 
 
+_SUB = (operator.sub, torch.sub, "sub")
+
+
+def _product(node: object, x: Node, table: Node | None) -> Node | None:
+    """``x * t`` (either order) -> ``t`` (checked equal to ``table`` when given)."""
+    if not _is(node, *_MUL):
+        return None
+    for a, t in _mul_pairs(node):
+        if a is x and (table is None or t is table):
+            return t
+    return None
+
+
+def match_deinterleave(post: Node) -> RotaryMatch | None:
+    """``cat((x1*cos - x2*sin, x2*cos + x1*sin), -1)`` with ``x1, x2 = x[..., ::2], x[..., 1::2]`` (DeepSeek
+    ``rope_interleave``): interleaved pairs in, rotate-half layout out, cos/sin one column per band."""
+    if not _is(post, *_CAT) or len(post.args[0]) != 2:
+        return None
+    real, imag = post.args[0]
+    if not _is(real, *_SUB) or not _is(imag, *_ADD) or not all(isinstance(a, Node) for a in (*real.args, *imag.args)):
+        return None
+    for x1, cos in _mul_pairs(real.args[0]):
+        even = _strided_last(x1)
+        for x2, sin in _mul_pairs(real.args[1]):
+            odd = _strided_last(x2)
+            if even is None or odd is None or even != (odd[0], 0) or odd[1] != 1:
+                continue
+            terms = imag.args[:2]
+            if any(_product(a, x2, cos) for a in terms) and any(_product(a, x1, sin) for a in terms):
+                x = even[0]
+                return RotaryMatch(x, post, cos, sin, "interleaved", _last_dim(x), "de-interleave", table="bands",
+                                   rotated_pairing="half")
+    return None
+
+
 def match_partial(post: Node) -> RotaryMatch | None:
-    """``cat((rope(x[..., :r]), x[..., r:]), -1)``: only the first ``r`` dims rotate (GPT-NeoX, Phi, ...)."""
+    """``cat((rope(x[..., :r]), x[..., r:]), -1)`` (leading rotary dims: GPT-NeoX, Phi, ...) or
+    ``cat((x[..., :p], rope(x[..., p:])), -1)`` (trailing: MLA's ``cat(q_nope, rope(q_pe))``)."""
     if not _is(post, *_CAT):
         return None
     parts = post.args[0]
     if not isinstance(parts, (list, tuple)) or len(parts) != 2:
         return None
-    inner = match_full(_strip_casts(parts[0]))
-    rot_src, rest = _slice_last(_strip_casts(inner.pre)) if inner else None, _slice_last(_strip_casts(parts[1]))
-    if inner is None or rot_src is None or rest is None or rot_src[0] is not rest[0]:
-        return None
-    if rot_src[1] not in (None, 0) or rot_src[2] != inner.rotary_dim or rest[1] != inner.rotary_dim:
-        return None
-    return RotaryMatch(
-        rot_src[0], post, inner.cos, inner.sin, inner.pairing, inner.rotary_dim, "partial", table=inner.table
-    )
+    for at in (0, 1):  # which part is rotated
+        inner = match_full(_strip_casts(parts[at]))
+        rot_src = last_axis_range(_strip_casts(inner.pre)) if inner else None
+        rest = last_axis_range(_strip_casts(parts[1 - at]))
+        if rot_src is None or rest is None or rot_src[0] is not rest[0]:
+            continue
+        width = _last_dim(rot_src[0])
+        (r0, r1), (p0, p1) = ((a or 0, width if b is None else b) for a, b in (rot_src[1:], rest[1:]))
+        tiles = (r0, r1, p0, p1) == ((0, inner.rotary_dim, inner.rotary_dim, width) if at == 0
+                                     else (width - inner.rotary_dim, width, 0, width - inner.rotary_dim))
+        if tiles and r1 - r0 == inner.rotary_dim:
+            form = "partial" if at == 0 else f"trailing partial {inner.form}"
+            return RotaryMatch(rot_src[0], post, inner.cos, inner.sin, inner.pairing, inner.rotary_dim, form,
+                               table=inner.table, rotary_start=r0, rotated_pairing=inner.rotated_pairing)
+    return None
 
 
-FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex]
+FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex, match_deinterleave]
 ROTARY_FORMS: list[Callable[[Node], RotaryMatch | None]] = [*FULL_FORMS, match_partial]
 ROTARY_FORM_NAMES = (
-    "rotate-half", "rotate-every-two", "complex freqs_cis", "partial (leading dims)", "none (NoPE: a plain projection)"
+    "rotate-half", "rotate-every-two", "complex freqs_cis", "de-interleave", "partial (leading or trailing dims)",
+    "none (NoPE: a plain projection)"
 )
 
 

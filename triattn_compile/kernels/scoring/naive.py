@@ -27,8 +27,10 @@ A NoPE layer is the case F = 0 (its q̄/E|q| bands are zero): its whole head is 
 **MLA** (DeepSeek-V2/V3): ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with ``k_pe`` (rotated, one per token,
 shared by all heads) and ``k_nope = W_UK c_kv`` (per head, from the latent ``c_kv``). The same split gives the
 non-rotary term ``q̄_nope · k_nope = (W_UKᵀ q̄_nope) · c_kv``: with the absorbed projection the term can be scored
-on the latent cache directly, one dot product per head with the folded query centre ``W_UKᵀ q̄_nope``. (Layouts put
-the rotary dims last there; the pass recognises only leading rotary dims so far, see ``passes/rotary.py``.)
+on the latent cache directly, one dot product per head with the folded query centre ``W_UKᵀ q̄_nope``
+(:func:`fold_latent_query`); the scored key is ``[k_pe ; c_kv]``, one per token for all heads (the GQA group is every
+head). The rotary dims come last in MLA's query; statistics and scored keys list them first (``passes/latent.py``
+reads ``W_UK`` off the graph).
 """
 
 from __future__ import annotations
@@ -229,6 +231,12 @@ def score_pass_through(keys: torch.Tensor, q_pass: torch.Tensor) -> torch.Tensor
     k_pass = keys[..., keys.shape[-1] - P :].float()  # [B, Hkv, N, P]
     q = q_pass.float().to(keys.device).view(Hkv, H // Hkv, P)
     return torch.einsum("bhnd,hgd->bhgn", k_pass, q).reshape(B, H, N)
+
+
+def fold_latent_query(q_pass: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """MLA's folded query centre ``W_UK,hᵀ q̄_nope,h`` ``[H, R]`` from ``q_pass`` ``[H, P]`` and the key up-projection
+    ``projection`` ``[H, R, P]`` (``k_nope,h = Σ_r c_r projection[h, r]``): then ``q̄_nope · k_nope = fold · c``."""
+    return torch.einsum("hrp,hp->hr", projection.to(q_pass.device, torch.float64), q_pass.to(torch.float64))
 
 
 def zscore(scores: torch.Tensor, candidates: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
