@@ -21,7 +21,7 @@ from triattn_compile.kernels.compact import compact, compaction_inputs
 from triattn_compile.passes.backend import TriAttentionBackend
 from triattn_compile.passes.frequencies import rotary_frequencies
 from triattn_compile.passes.latent import latent_projection
-from triattn_compile.passes.match import PatternNotFound
+from triattn_compile.passes.match import PassError, PatternNotFound
 from triattn_compile.passes.rotary import fake_value
 from triattn_compile.policies import Policy, make_policy
 
@@ -114,7 +114,7 @@ class TriAttentionState:
         if not latent or self.latent_maps:
             return
         if self.policy.query_window or self.policy.accumulate_attention:
-            raise ValueError(f"policy {self.policy.name!r} needs per-head keys, which a latent (MLA) cache does not "
+            raise PassError(f"policy {self.policy.name!r} needs per-head keys, which a latent (MLA) cache does not "
                              "hold; use policy='triattention' or 'streamingllm' with this model")
         self.latent_maps = {s.layer: latent_projection(gm, s, example_inputs) for s in latent}
 
@@ -194,7 +194,7 @@ def sliding_windows(model: nn.Module, sites, budget: int) -> list[int]:
         kind = types[site.layer] if site.layer < len(types) else None
         windows.append(window if kind in (None, "sliding_attention") else 0)
         if windows[-1] > budget:
-            raise ValueError(
+            raise PassError(
                 f"attention site {site.layer} ({site.module}): sliding window {window} does not fit budget {budget}; "
                 f"use budget >= {window} so that window layers keep their whole window"
             )
@@ -224,7 +224,7 @@ def _discover(state: TriAttentionState) -> None:
         cause = exc
         while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
             cause = inner
-        if isinstance(cause, PatternNotFound):
+        if isinstance(cause, PassError):
             raise cause from None
         raise ValueError(
             f"the model could not be traced as one graph ({type(cause).__name__}: {str(cause).splitlines()[0]}); "

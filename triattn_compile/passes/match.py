@@ -37,7 +37,12 @@ _LAYOUT_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.repeat_int
 _CAST_METHODS = ("contiguous", "to", "clone", "float", "type_as")
 
 
-class PatternNotFound(ValueError):
+class PassError(ValueError):
+    """A one-line error raised inside the compiler pass (the model or options cannot be served as asked);
+    ``optimize`` re-raises it as is, not wrapped in Dynamo's backend error."""
+
+
+class PatternNotFound(PassError):
     """The pass could not recognise a pattern it needs at some attention site (one-line message)."""
 
 
