@@ -38,6 +38,9 @@ def main() -> int:
         rows.append((name, family.features, status, tf.OBSERVED.get(name, "")))
     ok = plugin.passed.get("test_plain_pytorch_gptfast_decoder", False)
     rows.append((tf.GPTFAST, tf.GPTFAST_FEATURES, "supported" if ok else "FAILING", tf.OBSERVED.get(tf.GPTFAST, "")))
+    ok = plugin.passed.get("test_plain_pytorch_latent_attention_decoder", False)
+    rows.append((tf.GPTFAST_MLA, tf.GPTFAST_MLA_FEATURES, "supported" if ok else "FAILING",
+                 tf.OBSERVED.get(tf.GPTFAST_MLA, "")))
     lines = [
         "# Supported decoder families",
         "",

@@ -13,6 +13,10 @@ model, and nothing more:
    (positions stay absolute), and masks in slot space.
 
 The model's blocks, attention and rotary code are used unchanged.
+
+``ModelArgs(latent_rank=R)`` swaps in :class:`LatentAttention`, multi-head latent attention written the plain way
+(slices instead of ``split``, ``torch.cat`` to assemble the key, complex RoPE on the trailing dims): the cache holds
+the latent and the rotated ``k_pe``, as DeepSeek's does, through the same ``update(k, v)`` contract.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class ModelArgs:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     block_size: int = 4096
+    latent_rank: int = 0  # > 0: multi-head latent attention with this latent width (LatentAttention)
+    nope_dim: int = 16  # LatentAttention: non-rotary dims of a query/key head (the head's rotary dims: head_dim)
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +74,17 @@ class KVCache(nn.Module):
         self.k_cache[:, :, input_pos] = k_val
         self.v_cache[:, :, input_pos] = v_val
         return self.k_cache, self.v_cache
+
+
+class LatentKVCache(nn.Module):
+    """MLA's cache: the latent ``[B, 1, T, R]`` and the rotated ``k_pe`` ``[B, 1, T, rope]``."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, rank: int, rope: int, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(max_batch_size, 1, max_seq_length, rank, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(max_batch_size, 1, max_seq_length, rope, dtype=dtype))
+
+    update = KVCache.update
 
 
 class RMSNorm(nn.Module):
@@ -109,6 +126,37 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, self.dim))
 
 
+class LatentAttention(nn.Module):
+    """MLA: per token a latent ``c`` and one rotated ``k_pe`` are cached; head h's key is ``[W_UK,h c ; k_pe]``."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.nope, self.rope, self.dim = config.n_head, config.nope_dim, config.head_dim, config.dim
+        self.wq = nn.Linear(config.dim, self.n_head * (self.nope + self.rope), bias=False)
+        self.wkv_a = nn.Linear(config.dim, config.latent_rank + self.rope, bias=False)
+        self.wk_b = nn.Linear(config.latent_rank, self.n_head * self.nope, bias=False)
+        self.wv_b = nn.Linear(config.latent_rank, self.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, freqs_cis, mask, input_pos):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_head, self.nope + self.rope)
+        q = torch.cat([q[..., : self.nope], apply_rotary_emb(q[..., self.nope :], freqs_cis)], dim=-1)
+        kv = self.wkv_a(x)
+        latent = kv[..., : -self.rope]  # [B, S, R]
+        k_pe = apply_rotary_emb(kv[..., -self.rope :].view(bsz, seqlen, 1, self.rope), freqs_cis)
+        latent, k_pe = latent[:, None], k_pe.transpose(1, 2)  # [B, 1, S, R], [B, 1, S, rope]
+        if self.kv_cache is not None:
+            latent, k_pe = self.kv_cache.update(input_pos, latent, k_pe)
+        length = latent.shape[2]
+        k_nope = self.wk_b(latent[:, 0]).view(bsz, length, self.n_head, self.nope).transpose(1, 2)
+        v = self.wv_b(latent[:, 0]).view(bsz, length, self.n_head, -1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe.expand(-1, self.n_head, -1, -1)], dim=-1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, dropout_p=0.0)
+        return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, self.dim))
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -123,7 +171,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.attention = Attention(config)
+        self.attention = LatentAttention(config) if config.latent_rank else Attention(config)
         self.feed_forward = FeedForward(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
@@ -145,9 +193,11 @@ class Transformer(nn.Module):
         self.causal_mask: torch.Tensor | None = None
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        c = self.config
         for b in self.layers:
-            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
-                                           self.config.head_dim)
+            b.attention.kv_cache = (LatentKVCache(max_batch_size, max_seq_length, c.latent_rank, c.head_dim)
+                                    if c.latent_rank else KVCache(max_batch_size, max_seq_length, c.n_local_heads,
+                                                                  c.head_dim))
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool))
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

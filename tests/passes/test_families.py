@@ -150,19 +150,19 @@ def _gptfast_greedy(step, ids, n):
     return torch.cat(out, 1)
 
 
-@torch.no_grad()
-def test_plain_pytorch_gptfast_decoder():
-    """Own modules, own KV cache, complex freqs_cis (view_as_complex), repeat_interleave GQA; through the adapter."""
+def _optimized_gptfast(args: ModelArgs):
+    """A seeded gpt-fast model, its greedy reference tokens, and the optimized adapter around it."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs()).eval()
+    model = Transformer(args).eval()
     model.setup_caches(1, 256)
     ids = torch.randint(0, 128, (1, PROMPT))
     ref = _gptfast_greedy(lambda x, p: model(x, torch.arange(p, p + x.shape[1])), ids, EXACT)
     wrapped = tc.optimize(CompressedCacheAdapter(model), budget=BUDGET, divide_length=DIVIDE, compiler="eager")
-    state = wrapped._triattn_state
-    assert (state.signature.pairing, state.signature.rotary_dim) == ("interleaved", 16)
-    omega = model.freqs_cis[1].angle().double()  # row 1 of e^{iωt}
-    torch.testing.assert_close(state.omega, omega.expand(2, -1), rtol=1e-6, atol=1e-7)
+    return model, ids, ref, wrapped
+
+
+def _check_gptfast(wrapped, ids, ref) -> None:
+    """Greedy tokens equal the plain model's while the sequence fits; the cache stays bounded after."""
 
     def step(x, pos):
         cache = None if pos == 0 else tc.current_cache(wrapped)
@@ -171,11 +171,37 @@ def test_plain_pytorch_gptfast_decoder():
     assert torch.equal(_gptfast_greedy(step, ids, EXACT), ref)
     _gptfast_greedy(step, ids, LONG)
     _check_bounded(tc.current_cache(wrapped), PROMPT + LONG)
+
+
+@torch.no_grad()
+def test_plain_pytorch_gptfast_decoder():
+    """Own modules, own KV cache, complex freqs_cis (view_as_complex), repeat_interleave GQA; through the adapter."""
+    model, ids, ref, wrapped = _optimized_gptfast(ModelArgs())
+    state = wrapped._triattn_state
+    assert (state.signature.pairing, state.signature.rotary_dim) == ("interleaved", 16)
+    omega = model.freqs_cis[1].angle().double()  # row 1 of e^{iωt}
+    torch.testing.assert_close(state.omega, omega.expand(2, -1), rtol=1e-6, atol=1e-7)
+    _check_gptfast(wrapped, ids, ref)
     OBSERVED[GPTFAST] = _describe(state)
 
 
 GPTFAST = "gpt-fast-style plain PyTorch (tests/passes/gptfast.py)"
 GPTFAST_FEATURES = "complex freqs_cis, own KV cache via adapter, repeat_interleave GQA"
+GPTFAST_MLA = "gpt-fast-style plain PyTorch, latent attention (tests/passes/gptfast.py)"
+GPTFAST_MLA_FEATURES = "MLA written plainly: slices, torch.cat key, trailing complex rotary, own latent cache"
+
+
+@torch.no_grad()
+def test_plain_pytorch_latent_attention_decoder():
+    """MLA without transformers: the key assembled with ``torch.cat``, the latent up-projection read off the graph."""
+    model, ids, ref, wrapped = _optimized_gptfast(ModelArgs(latent_rank=24))
+    state = wrapped._triattn_state
+    assert (state.signature.num_kv_heads, state.rotary_start, state.kv_dims[0]) == (1, 16, (24, 16))
+    for i, block in enumerate(model.layers):  # W_UK: wk_b's weight, per head [R, nope]
+        w = block.attention.wk_b.weight.double().view(4, 16, 24).transpose(1, 2)
+        torch.testing.assert_close(state.latent_maps[i], w)
+    _check_gptfast(wrapped, ids, ref)
+    OBSERVED[GPTFAST_MLA] = _describe(state)
 
 
 def test_families_table_is_current():
@@ -186,3 +212,4 @@ def test_families_table_is_current():
         status = "refused" if family.refused else "supported"
         assert f"| {name} | {family.features} | {status}" in text, f"docs/families.md is stale for {name}"
     assert f"| {GPTFAST} | {GPTFAST_FEATURES} | supported" in text
+    assert f"| {GPTFAST_MLA} | {GPTFAST_MLA_FEATURES} | supported" in text
