@@ -1,7 +1,7 @@
 """Find attention sites in a Dynamo graph by dataflow, never by module or class name.
 
 Anchor on each attention node: ``scaled_dot_product_attention``, or the explicit form
-``matmul(q, kᵀ) [* scale] [+ mask] -> softmax -> matmul(·, v)`` (transformers ``attn_implementation="eager"``,
+``matmul(q, kᵀ) [* scale] [soft-capping] [+ mask] -> softmax -> matmul(·, v)`` (transformers ``attn_implementation="eager"``,
 GPT-J). Follow its query back through layout ops to the rotated query and match the rotary form there
 (``rotary.py``); follow its key/value back through ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) to the
 cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token into it.
@@ -29,6 +29,7 @@ MATMUL_TARGETS = (torch.matmul, operator.matmul, "matmul", torch.bmm)
 _SCALE_TARGETS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "__truediv__")
 _ADD_TARGETS = (operator.add, torch.add, "add")
 _DROPOUT = (F.dropout, "dropout")
+_SOFTCAP = (torch.tanh, "tanh")  # logit soft-capping, c * tanh(scores / c) (Gemma-2)
 _LAYOUT_METHODS = {
     "contiguous", "to", "clone", "view", "reshape", "expand", "float", "type_as", "transpose", "permute",
     "repeat_interleave",
@@ -224,7 +225,7 @@ def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | No
     """``softmax(matmul(q, kᵀ) [*/ scale] [+ mask])`` followed by ``matmul(·, v)`` -> ``(q, k, v, mask_add)``."""
     node, mask_add = softmax.args[0], None
     while isinstance(node, Node) and not _is(node, *MATMUL_TARGETS):
-        if _is(node, *_CAST_METHODS):
+        if _is(node, *_CAST_METHODS, *_SOFTCAP):
             node = node.args[0]
         elif _is(node, *_SCALE_TARGETS) and isinstance(node.args[0], Node) and _is_scalar(node.args[1]):
             node = node.args[0]

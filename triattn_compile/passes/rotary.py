@@ -178,10 +178,11 @@ def match_rotate_half(post: Node) -> RotaryMatch | None:
         return None
     for m1, m2 in ((post.args[0], post.args[1]), (post.args[1], post.args[0])):
         for x, cos in _mul_pairs(m1):
+            x = _strip_casts(x)  # x.float() * cos + rotate(x).float() * sin (Ernie 4.5: RoPE in float32)
             for rot, sin in _mul_pairs(m2):
-                if _rotate_half_of(rot) is x:
+                if _strip_casts(_rotate_half_of(_strip_casts(rot))) is x:
                     return RotaryMatch(x, post, cos, sin, "half", _last_dim(x), "rotate_half")
-                if _rotate_every_two_of(rot) is x:
+                if _strip_casts(_rotate_every_two_of(_strip_casts(rot))) is x:
                     return RotaryMatch(x, post, cos, sin, "interleaved", _last_dim(x), "rotate_every_two")
     return None
 
