@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers as T
 from gptfast import CompressedCacheAdapter, ModelArgs, Transformer
+from transformers.models.granitemoe_swa.modeling_granitemoe_swa import GraniteMoeSWAConfig, GraniteMoeSWAForCausalLM
 
 import triattn_compile as tc
 
@@ -72,6 +73,8 @@ FAMILIES: dict[str, Family] = {
                       features="interleaved, local/global layers"),
     "gemma2": Family(T.Gemma2Config, T.Gemma2ForCausalLM, {"head_dim": 16, "sliding_window": 32, **_LOCAL_GLOBAL},
                      attn="eager", features="logit soft-capping (tanh) in eager attention, local/global layers"),
+    "granitemoe_swa": Family(GraniteMoeSWAConfig, GraniteMoeSWAForCausalLM, {"sliding_window": 32}, attn="eager",
+                             features="attention sinks (logsumexp of the masked scores), window layer, MoE"),
     "ernie4_5": Family(T.Ernie4_5Config, T.Ernie4_5ForCausalLM, {"head_dim": 16},
                        features="interleaved rotary computed in float32 (casts around the rotation)"),
     "smollm3": Family(T.SmolLM3Config, T.SmolLM3ForCausalLM, {"no_rope_layers": [1, 0]},

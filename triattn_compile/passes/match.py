@@ -1,10 +1,11 @@
 """Find attention sites in a Dynamo graph by dataflow, never by module or class name.
 
 Anchor on each attention node: ``scaled_dot_product_attention``, or the explicit form
-``matmul(q, kᵀ) [* scale] [soft-capping] [+ mask] -> softmax -> matmul(·, v)`` (transformers ``attn_implementation="eager"``,
-GPT-J). Follow its query back through layout ops to the rotated query and match the rotary form there
-(``rotary.py``); follow its key/value back through ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) to the
-cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token into it.
+``matmul(q, kᵀ) [* scale] [soft-capping] [+ mask] -> softmax -> matmul(·, v)`` (transformers
+``attn_implementation="eager"``, GPT-J). Follow its query back through layout ops to the rotated query and match
+the rotary form there (``rotary.py``); follow its key/value back through ``repeat_kv`` (index/expand/reshape,
+``repeat_interleave``) to the cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token
+into it.
 
 A key assembled per head from a rotary part shared by all heads and a projection of a latent (multi-head latent
 attention, DeepSeek-V2/V3: ``key = cat(W_UK c_kv, k_pe)``, as a ``cat`` or as ``copy_`` into slices of an empty

@@ -18,7 +18,7 @@ from torch.fx import Graph, Node
 
 from triattn_compile.cache import PAD, SEEN
 from triattn_compile.calibration.capture import capture_queries
-from triattn_compile.passes.match import AttentionSite, computes_scores, walk_to_buffer
+from triattn_compile.passes.match import MATMUL_TARGETS, AttentionSite, _is, computes_scores, walk_to_buffer
 from triattn_compile.passes.rotary import fake_value
 
 
@@ -70,8 +70,8 @@ def expand_heads(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def insert_positions(graph: Graph, sites: list[AttentionSite], ctrl: Node, slot_pos: Node) -> None:
-    """``triattn::record_positions`` before the first attention node (every mask reads the step's positions)."""
-    with graph.inserting_before(sites[0].attn):
+    """``triattn::record_positions`` before the first attention (every mask reads the step's positions)."""
+    with graph.inserting_before(_attention_start(sites[0])):
         graph.call_function(torch.ops.triattn.record_positions.default, (ctrl, slot_pos, sites[0].write_slots))
 
 
@@ -79,23 +79,28 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     """Replace the site's attention mask with :func:`occupied_slots` (expanded to the query heads); returns the
     ``[B, Hkv, T, C]`` mask node.
 
-    SDPA: the mask argument is replaced and ``is_causal`` cleared. Eager form: the model's ``scores + mask`` is
-    bypassed and the softmax input becomes ``scores.masked_fill(~mask, -inf)`` (every row sees its own slot).
+    SDPA: the mask argument is replaced and ``is_causal`` cleared. Eager form: the model's ``scores + mask`` (or,
+    without one, the softmax input) becomes ``scores.masked_fill(~mask, -inf)`` for all its readers (every row sees
+    its own slot).
     """
     heads = int(fake_value(_query_operand(site)).shape[1])
-    with graph.inserting_before(site.attn):
+    with graph.inserting_before(_attention_start(site)):
         kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer, window))
         mask = graph.call_function(expand_heads, (kv_mask, heads))  # [B, H, T, C] bool
     if site.form == "eager":
+        # every reader of the masked scores (the softmax, and e.g. a sink's logsumexp) reads the new mask instead
+        masked_node = site.mask_add or site.attn.args[0]
+        scores = masked_node
         if site.mask_add is not None:
             scores = next(a for a in site.mask_add.args[:2] if a is not _mask_operand(site.mask_add))
-            site.mask_add.replace_all_uses_with(scores)
+        with graph.inserting_before(_attention_start(site)):
+            hidden = graph.call_function(torch.logical_not, (mask,))
+        with graph.inserting_after(masked_node):
+            masked = graph.call_method("masked_fill", (scores, hidden, float("-inf")))
+        masked_node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+        if site.mask_add is not None:
             graph.erase_node(site.mask_add)
             site.mask_add = None
-        with graph.inserting_before(site.attn):
-            hidden = graph.call_function(torch.logical_not, (mask,))
-            masked = graph.call_method("masked_fill", (site.attn.args[0], hidden, float("-inf")))
-        site.attn.args = (masked, *site.attn.args[1:])
         return kv_mask
     if _grouped(site):
         _group_queries(graph, site, kv_mask)
@@ -176,17 +181,23 @@ def insert_advance(graph: Graph, sites: list[AttentionSite], ctrl: Node) -> Node
         return graph.call_function(torch.ops.triattn.advance.default, (ctrl, sites[0].write_slots))
 
 
+def _scores_matmul(site: AttentionSite) -> Node:
+    """The eager form's ``matmul(q, kᵀ)``: back from the softmax through casts, scaling, soft-capping and the mask."""
+    node = site.softmax.args[0]
+    while not _is(node, *MATMUL_TARGETS):
+        node = next(a for a in node.all_input_nodes if computes_scores(a))
+    return node
+
+
+def _attention_start(site: AttentionSite) -> Node:
+    """The first node of the site's attention that the rewrite changes (its mask is built before it)."""
+    return _scores_matmul(site) if site.form == "eager" else site.attn
+
+
 def _query_operand(site: AttentionSite) -> Node:
     """The attention's post-RoPE query ``[B, H, T, D]``: SDPA's first argument, or ``q`` of the eager form's
     ``matmul(q, kᵀ)`` (whose softmax takes the scores, not the query)."""
-    if site.form != "eager":
-        return site.attn.args[0]
-    from triattn_compile.passes.match import MATMUL_TARGETS, _is
-
-    node = site.softmax.args[0]  # masked_fill / casts / scale, then the matmul
-    while not _is(node, *MATMUL_TARGETS):
-        node = node.args[0]
-    return node.args[0]
+    return _scores_matmul(site).args[0] if site.form == "eager" else site.attn.args[0]
 
 
 def insert_query_record(graph: Graph, sites: list[AttentionSite], ring: Node) -> None:
