@@ -100,3 +100,17 @@ def test_observation_policies_are_refused_on_a_latent_cache():
     with pytest.raises(ValueError, match="latent") as exc:
         tc.optimize(model, budget=BUDGET, divide_length=DIVIDE, compiler="eager", policy="snapkv")
     assert "\n" not in str(exc.value) and str(exc.value).startswith("policy 'snapkv'")
+
+
+def test_latent_cache_under_inductor():
+    """The compiled path (Inductor) gives the unmodified model's greedy tokens while the sequence fits, and stays
+    at capacity through a compaction."""
+    model = build(FAMILIES["deepseek_v3"])
+    ids = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+        tc.optimize(model, budget=BUDGET, divide_length=DIVIDE)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False)
+    assert torch.equal(out[:, : ref.shape[1]], ref)  # 40 tokens: they fit the 64 slots
+    cache = tc.current_cache(model)
+    assert cache.peak_occupancy() == BUDGET + DIVIDE and cache.compactions() >= 1
