@@ -84,6 +84,13 @@ class TriAttentionState:
         scale = freqs[roped[0].layer][1]
         q_val = fake_value(sites[0].query.pre)
         num_kv = int(fake_value(sites[0].key_source).shape[1])  # key before repeat_kv: [B, Hkv, S, D]
+        for site in sites[1:]:
+            shape = (int(fake_value(site.key_source).shape[1]), int(fake_value(site.query.pre).shape[-1]))
+            if shape != (num_kv, int(q_val.shape[-1])):
+                raise PatternNotFound(
+                    f"attention site {site.layer} ({site.module}): {shape[0]} KV heads of head_dim {shape[1]} differ "
+                    f"from site 0's {num_kv} of {int(q_val.shape[-1])}; per-layer attention shapes are not supported"
+                )
         signature = RotarySignature(
             num_layers=len(sites),
             num_heads=int(q_val.shape[sites[0].head_axis]),

@@ -75,6 +75,10 @@ FAMILIES: dict[str, Family] = {
                      attn="eager", features="logit soft-capping (tanh) in eager attention, local/global layers"),
     "granitemoe_swa": Family(GraniteMoeSWAConfig, GraniteMoeSWAForCausalLM, {"sliding_window": 32}, attn="eager",
                              features="attention sinks (logsumexp of the masked scores), window layer, MoE"),
+    "gpt_oss": Family(T.GptOssConfig, T.GptOssForCausalLM,
+                      {"head_dim": 16, "num_local_experts": 4, "sliding_window": 32, **_MOE, **_LOCAL_GLOBAL},
+                      attn="eager", features="attention sinks (extra softmax column), rotate-half written as halves "
+                      "(chunk), local/global layers, MoE"),
     "ernie4_5": Family(T.Ernie4_5Config, T.Ernie4_5ForCausalLM, {"head_dim": 16},
                        features="interleaved rotary computed in float32 (casts around the rotation)"),
     "smollm3": Family(T.SmolLM3Config, T.SmolLM3ForCausalLM, {"no_rope_layers": [1, 0]},

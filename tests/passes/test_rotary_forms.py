@@ -51,6 +51,12 @@ def _deinterleave(x, c, s):  # DeepSeek rope_interleave: pairs (2f, 2f + 1) in, 
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
 
 
+def _halves(x, c, s):  # gpt-oss: first, second = chunk(x, 2, -1)
+    first, second = torch.chunk(x, 2, dim=-1)
+    c, s = c[..., : x.shape[-1] // 2], s[..., : x.shape[-1] // 2]
+    return torch.cat((first * c - second * s, second * c + first * s), dim=-1)
+
+
 def _trailing_split(x, c, s):  # MLA: q_nope, q_pe = split(q, [4, 4]); cat(q_nope, rope(q_pe))
     nope, pe = torch.split(x, [4, 4], dim=-1)
     return torch.cat((nope, _deinterleave(pe, c, s)), dim=-1)
@@ -68,6 +74,7 @@ FORMS = {
         torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * torch.polar(c[..., :4], s[..., :4])
     ).flatten(3), "interleaved", 8, 0, "interleaved"),
     "de-interleave": (_deinterleave, "interleaved", 8, 0, "half"),
+    "halves (chunk)": (_halves, "half", 8, 0, "half"),
     "trailing split de-interleave (MLA)": (_trailing_split, "interleaved", 4, 4, "half"),
 }
 NEAR_MISSES = {

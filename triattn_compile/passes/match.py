@@ -31,6 +31,19 @@ _SCALE_TARGETS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "
 _ADD_TARGETS = (operator.add, torch.add, "add")
 _DROPOUT = (F.dropout, "dropout")
 _SOFTCAP = (torch.tanh, "tanh")  # logit soft-capping, c * tanh(scores / c) (Gemma-2)
+_SUB_TARGETS = (operator.sub, torch.sub, "sub")
+_REDUCE_MAX = (torch.max, torch.amax, "max", "amax")
+
+
+def _reduces(node: Node, source: Node, depth: int = 3) -> bool:
+    """Whether ``node`` is a max-reduction of ``source`` (``x.max(-1, keepdim=True).values``, ``amax``)."""
+    for _ in range(depth):
+        if _is(node, *_REDUCE_MAX) and node.args[0] is source:
+            return True
+        if not isinstance(node, Node) or not node.all_input_nodes:
+            return False
+        node = node.all_input_nodes[0]
+    return False
 _LAYOUT_METHODS = {
     "contiguous", "to", "clone", "view", "reshape", "expand", "float", "type_as", "transpose", "permute",
     "repeat_interleave",
@@ -223,7 +236,8 @@ def _is_scalar(x: object) -> bool:
 
 
 def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | None:
-    """``softmax(matmul(q, kᵀ) [*/ scale] [+ mask])`` followed by ``matmul(·, v)`` -> ``(q, k, v, mask_add)``."""
+    """``softmax(matmul(q, kᵀ) [*/ scale] [soft-cap] [+ mask] [cat sinks] [- max])`` followed by ``matmul(·, v)``
+    (after casts, dropout, or dropping the sink columns) -> ``(q, k, v, mask_add)``."""
     node, mask_add = softmax.args[0], None
     while isinstance(node, Node) and not _is(node, *MATMUL_TARGETS):
         if _is(node, *_CAST_METHODS, *_SOFTCAP):
@@ -235,6 +249,13 @@ def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | No
             if len(scores) != 1:
                 return None
             mask_add, node = node, scores[0]
+        elif _is(node, *_SUB_TARGETS) and isinstance(node.args[1], Node) and _reduces(node.args[1], node.args[0]):
+            node = node.args[0]  # x - max(x): the softmax's own stabilisation
+        elif _is(node, torch.cat, "cat") and _arg(node, 1, "dim") == -1 and len(node.args[0]) == 2:
+            scores = [a for a in node.args[0] if computes_scores(a)]  # cat(scores, sink logits) (gpt-oss)
+            if len(scores) != 1 or node.args[0][0] is not scores[0]:
+                return None
+            node = scores[0]
         else:
             return None
     if not isinstance(node, Node):
@@ -246,8 +267,8 @@ def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | No
         for user in probs.users:
             if _is(user, *MATMUL_TARGETS) and user.args[0] is probs:
                 out = user
-            elif _is(user, *_CAST_METHODS, *_DROPOUT):
-                frontier.append(user)
+            elif _is(user, *_CAST_METHODS, *_DROPOUT) or (last_axis_range(user) or (None,))[0] is probs:
+                frontier.append(user)  # casts, dropout, dropping sink columns (probs[..., :-1])
     if out is None or not _is(kt, "transpose", torch.transpose):
         return None
     return q, kt.args[0], out.args[1], mask_add

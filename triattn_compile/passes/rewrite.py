@@ -90,6 +90,8 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     if site.form == "eager":
         # every reader of the masked scores (the softmax, and e.g. a sink's logsumexp) reads the new mask instead
         masked_node = site.mask_add or site.attn.args[0]
+        if site.mask_add is None and fake_value(masked_node).shape != fake_value(_scores_matmul(site)).shape:
+            masked_node = _scores_matmul(site)  # the softmax also sees extra (sink) columns: mask the scores
         scores = masked_node
         if site.mask_add is not None:
             scores = next(a for a in site.mask_add.args[:2] if a is not _mask_operand(site.mask_add))

@@ -9,9 +9,10 @@ width) or ``None``. Adding a form means adding a row.
   ``x*cos + stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2)*sin``.
 * complex (pairing "interleaved"; Meta reference, gpt-fast):
   ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs_cis).flatten(-2)``.
-* de-interleave (pairs in, halves out; DeepSeek-V2/V3's ``rope_interleave``): with
-  ``x1, x2 = x[..., ::2], x[..., 1::2]``, ``cat(x1*cos - x2*sin, x2*cos + x1*sin)``: the query statistics pair
-  ``interleaved``, the rotated keys ``half``.
+* pair members written out, ``cat(x1*cos - x2*sin, x2*cos + x1*sin)`` with cos/sin one column per band: the halves
+  ``x1, x2 = chunk(x, 2, -1)`` (gpt-oss; pairing "half"), or ``x1, x2 = x[..., ::2], x[..., 1::2]``
+  ("de-interleave", DeepSeek-V2/V3's ``rope_interleave``): the query statistics pair ``interleaved``, the rotated
+  keys ``half``.
 * partial (pairing of the inner form): ``cat(rope(x[..., :r]), x[..., r:])`` (GPT-NeoX, Phi, GLM) or trailing
   rotary dims ``cat(x[..., :p], rope(x[..., p:]))`` (MLA's ``cat(q_nope, rope(q_pe))``); the parts may be slices or
   ``torch.split`` outputs.
@@ -88,16 +89,22 @@ def _last_slice(node: object) -> tuple[Node, slice] | None:
 
 
 def _split_part(node: object) -> tuple[Node, int, int] | None:
-    """``torch.split(x, sizes, -1)[i]`` -> ``(x, start, stop)`` of part i along the last axis."""
+    """``torch.split(x, sizes, -1)[i]`` or ``torch.chunk(x, n, -1)[i]`` -> ``(x, start, stop)`` along the last axis."""
     if not _is(node, operator.getitem) or not isinstance(node.args[1], int):
         return None
     split, i = node.args
-    if not _is(split, torch.split, "split") or not isinstance(split.args[0], Node):
+    if not _is(split, torch.split, "split", torch.chunk, "chunk") or not isinstance(split.args[0], Node):
         return None
-    x, sizes = split.args[0], split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
-    dim, ndim = _dim_arg(split, 2), fake_value(x).dim()
-    if dim % ndim != ndim - 1:
+    x, sizes = split.args[0], split.args[1] if len(split.args) > 1 else None
+    if sizes is None:
+        sizes = split.kwargs.get("split_size_or_sections", split.kwargs.get("chunks"))
+    dim, ndim, width = _dim_arg(split, 2), fake_value(x).dim(), _last_dim(x)
+    if dim % ndim != ndim - 1 or width is None:
         return None
+    if split.target in (torch.chunk, "chunk"):
+        if not isinstance(sizes, int) or width % sizes:
+            return None
+        sizes = width // sizes
     if isinstance(sizes, int):
         return x, i * sizes, (i + 1) * sizes
     if isinstance(sizes, (list, tuple)) and all(isinstance(n, int) for n in sizes):
@@ -228,24 +235,38 @@ def _product(node: object, x: Node, table: Node | None) -> Node | None:
     return None
 
 
-def match_deinterleave(post: Node) -> RotaryMatch | None:
-    """``cat((x1*cos - x2*sin, x2*cos + x1*sin), -1)`` with ``x1, x2 = x[..., ::2], x[..., 1::2]`` (DeepSeek
-    ``rope_interleave``): interleaved pairs in, rotate-half layout out, cos/sin one column per band."""
+def _pair_source(x1: Node, x2: Node) -> tuple[Node, str] | None:
+    """``(x, pairing)`` when ``x1, x2`` are the two members of every pair of ``x``: ``x[..., ::2], x[..., 1::2]``
+    (interleaved) or the two halves of its last axis (slices, ``split`` or ``chunk``: half)."""
+    even, odd = _strided_last(x1), _strided_last(x2)
+    if even is not None and odd is not None and even[0] is odd[0] and (even[1], odd[1]) == (0, 1):
+        return even[0], "interleaved"
+    lo, hi = last_axis_range(x1), last_axis_range(x2)
+    if lo is None or hi is None or lo[0] is not hi[0]:
+        return None
+    width = _last_dim(lo[0])
+    if width and lo[1] in (None, 0) and lo[2] == hi[1] == width // 2 and hi[2] in (None, width):
+        return lo[0], "half"
+    return None
+
+
+def match_pair_halves(post: Node) -> RotaryMatch | None:
+    """``cat((x1*cos - x2*sin, x2*cos + x1*sin), -1)``, cos/sin one column per band, written out per pair member:
+    with ``x1, x2 = x[..., ::2], x[..., 1::2]`` (DeepSeek ``rope_interleave``: interleaved pairs in, rotate-half
+    layout out) or with the two halves of ``x`` (gpt-oss: ``torch.chunk(x, 2, -1)``; pairing half in and out)."""
     if not _is(post, *_CAT) or len(post.args[0]) != 2:
         return None
     real, imag = post.args[0]
     if not _is(real, *_SUB) or not _is(imag, *_ADD) or not all(isinstance(a, Node) for a in (*real.args, *imag.args)):
         return None
     for x1, cos in _mul_pairs(real.args[0]):
-        even = _strided_last(x1)
         for x2, sin in _mul_pairs(real.args[1]):
-            odd = _strided_last(x2)
-            if even is None or odd is None or even != (odd[0], 0) or odd[1] != 1:
-                continue
+            found = _pair_source(x1, x2)
             terms = imag.args[:2]
-            if any(_product(a, x2, cos) for a in terms) and any(_product(a, x1, sin) for a in terms):
-                x = even[0]
-                return RotaryMatch(x, post, cos, sin, "interleaved", _last_dim(x), "de-interleave", table="bands",
+            if found and any(_product(a, x2, cos) for a in terms) and any(_product(a, x1, sin) for a in terms):
+                x, pairing = found
+                form = "de-interleave" if pairing == "interleaved" else "rotate-half (halves)"
+                return RotaryMatch(x, post, cos, sin, pairing, _last_dim(x), form, table="bands",
                                    rotated_pairing="half")
     return None
 
@@ -275,10 +296,11 @@ def match_partial(post: Node) -> RotaryMatch | None:
     return None
 
 
-FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex, match_deinterleave]
+FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex, match_pair_halves]
 ROTARY_FORMS: list[Callable[[Node], RotaryMatch | None]] = [*FULL_FORMS, match_partial]
 ROTARY_FORM_NAMES = (
-    "rotate-half", "rotate-every-two", "complex freqs_cis", "de-interleave", "partial (leading or trailing dims)",
+    "rotate-half", "rotate-every-two", "complex freqs_cis", "pair members (halves or de-interleave)",
+    "partial (leading or trailing dims)",
     "none (NoPE: a plain projection)"
 )
 
