@@ -58,9 +58,8 @@ class TriAttentionState:
         if not roped:
             raise PatternNotFound("no attention site applies a rotary embedding: TriAttention needs RoPE layers")
         q = roped[0].query
-        layout = lambda m: (m.pairing, m.key_pairing, m.rotary_dim, m.rotary_start)  # noqa: E731
         for site in roped[1:]:
-            if layout(site.query) != layout(q):
+            if site.query.layout != q.layout:
                 raise PatternNotFound(
                     f"attention site {site.layer} ({site.module}): rotary {site.query.form} {site.query.pairing} "
                     f"over dims {site.query.rotary_start}+{site.query.rotary_dim} differs from site "

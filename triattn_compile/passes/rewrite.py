@@ -84,18 +84,19 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     its own slot).
     """
     heads = int(fake_value(_query_operand(site)).shape[1])
-    with graph.inserting_before(_attention_start(site)):
+    start = _attention_start(site)
+    with graph.inserting_before(start):
         kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer, window))
         mask = graph.call_function(expand_heads, (kv_mask, heads))  # [B, H, T, C] bool
     if site.form == "eager":
         # every reader of the masked scores (the softmax, and e.g. a sink's logsumexp) reads the new mask instead
         masked_node = site.mask_add or site.attn.args[0]
-        if site.mask_add is None and fake_value(masked_node).shape != fake_value(_scores_matmul(site)).shape:
-            masked_node = _scores_matmul(site)  # the softmax also sees extra (sink) columns: mask the scores
+        if site.mask_add is None and fake_value(masked_node).shape != fake_value(start).shape:
+            masked_node = start  # the softmax also sees extra (sink) columns: mask the scores matmul itself
         scores = masked_node
         if site.mask_add is not None:
             scores = next(a for a in site.mask_add.args[:2] if a is not _mask_operand(site.mask_add))
-        with graph.inserting_before(_attention_start(site)):
+        with graph.inserting_before(start):
             hidden = graph.call_function(torch.logical_not, (mask,))
         with graph.inserting_after(masked_node):
             masked = graph.call_method("masked_fill", (scores, hidden, float("-inf")))

@@ -45,6 +45,11 @@ class RotaryMatch:
     rotated_pairing: str | None = None  # pairing of the rotated output, when it differs from the input's
 
     @property
+    def layout(self) -> tuple[str, str, int, int]:
+        """What must agree across layers: pairings in and out, rotary width and first rotary dim."""
+        return self.pairing, self.key_pairing, self.rotary_dim, self.rotary_start
+
+    @property
     def key_pairing(self) -> str:
         """Pairing of the rotated tensor (what the cached keys are scored with)."""
         return self.rotated_pairing or self.pairing
