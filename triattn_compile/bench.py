@@ -278,17 +278,18 @@ def machine() -> str:
     return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def write_report(runs: list[Run], lengths: list[int], out: Path, command: str) -> dict:
+def write_report(runs: list[Run], lengths: list[int], out: Path, command: str, dtype: str = "float32") -> dict:
     """Markdown tables, the latency plot and the raw JSON under ``out``; returns the JSON-able summary."""
     from tabulate import tabulate
 
     out.mkdir(parents=True, exist_ok=True)
     tag = f"batch{runs[0].batch}"
-    summary = {"command": command, "machine": machine(), "summary": summary_rows(runs, lengths),
+    summary = {"command": command, "machine": machine(), "dtype": dtype, "summary": summary_rows(runs, lengths),
                "deciles": decile_rows(runs), "targets": targets(runs) if runs[0].batch == 1 else []}
     table = lambda rows: tabulate(rows, headers="keys", tablefmt="github")
     md = [f"# Decode benchmark, batch {runs[0].batch}", "", f"Command: `{command}`", "",
-          f"Machine: {summary['machine']}", "", "## Throughput and memory", "", table(summary["summary"]), "",
+          f"Machine: {summary['machine']}; weights and KV in {dtype}", "",
+          "## Throughput and memory", "", table(summary["summary"]), "",
           "## Step latency (ms, median per tenth of the generation)", "", table(summary["deciles"]), ""]
     if summary["targets"]:
         md += ["## Targets (issue 6)", "", table(summary["targets"]), ""]

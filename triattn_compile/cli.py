@@ -13,12 +13,14 @@ import torch
 
 from triattn_compile.evaluation import add_eval_parser
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _calibrate(args: argparse.Namespace) -> dict:
     import triattn_compile as tc
     from triattn_compile.loading import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     text = "\n\n".join(Path(p).read_text(errors="replace") for p in args.text)
     ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.tokens]
     stats = tc.calibrate(model, ids, chunk_size=args.chunk_size, progress=not args.json)
@@ -48,7 +50,7 @@ def _generate(args: argparse.Namespace) -> dict:
     import triattn_compile as tc
     from triattn_compile.loading import chat_ids, load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     ids = chat_ids(tokenizer, args.prompt)
     if args.budget:
         tc.optimize(model, budget=args.budget, stats=args.stats)
@@ -76,7 +78,7 @@ def _bench(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     methods = [*args.methods, *(f"B={b}" for b in args.budgets)]
@@ -89,7 +91,7 @@ def _bench(args: argparse.Namespace) -> dict:
             raise ValueError(f"prompt + {args.length} tokens exceed the model's context "
                              f"({model.config.max_position_embeddings}); use a smaller --length")
         runs = run_methods(model, ids, args.length, methods, progress=not args.json)
-        report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command)
+        report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command, args.dtype)
         if not args.json:
             print(report.pop("markdown"))
         else:
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)  # triattn eval: quality vs full attention (triattn_compile/evaluation/)
     for p in (cal, gen, bench):
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                       help="weight and KV dtype the model is loaded in (default: float32)")
     return parser
 
 
