@@ -1,6 +1,6 @@
 """Profile one optimized decode step of SmolLM2-135M with a full cache (``torch.profiler``, top ops by self time).
 
-    python bench/profile_step.py [--budget 1024] [--steps 5] [--threads 2]
+    python bench/profile_step.py [--budget 1024] [--steps 5] [--threads 2] [--dtype bfloat16]
 
 The prompt (``budget + 76`` tokens of real text, no prompt protection) fills the cache in one prefill; the profiled
 steps then run at capacity, compaction included when it falls due.
@@ -15,6 +15,7 @@ from torch.profiler import profile
 
 import triattn_compile as tc
 from triattn_compile.bench import text_ids
+from triattn_compile.cli import DTYPES
 from triattn_compile.loading import load_model
 
 
@@ -24,10 +25,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=DTYPES[args.dtype])
     tc.optimize(model, budget=args.budget, protect_prompt=False)
     out = model(input_ids=text_ids(tokenizer, args.budget + 76), use_cache=True)
     token = out.logits[:, -1:].argmax(-1)

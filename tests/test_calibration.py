@@ -81,6 +81,31 @@ def test_wrong_tensor(stats_file, bad):
     assert "expected finite float32" in str(exc.value)
 
 
+@pytest.mark.parametrize("field, value", [("rotary_start", "16"), ("pairing", "interleaved"), ("num_kv_heads", "1")])
+def test_metadata_of_another_model(stats_file, field, value):
+    from safetensors import safe_open
+
+    with safe_open(str(stats_file), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert meta[field] != value
+    save_file(tensors, str(stats_file), metadata={**meta, field: value})
+    with pytest.raises(tc.StatsError) as exc:
+        tc.optimize(tiny_llama(), budget=256, stats=stats_file)
+    assert f"{field}: file has {value}" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_file_without_rotary_start_loads(stats_file):
+    from safetensors import safe_open
+
+    with safe_open(str(stats_file), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["rotary_start"]  # written before the field existed: rotary dims lead the head
+    save_file(tensors, str(stats_file), metadata=meta)
+    tc.optimize(tiny_llama(), budget=256, stats=stats_file, compiler="eager")
+
+
 def test_not_a_stats_file(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))

@@ -100,6 +100,7 @@ class TriAttentionState:
             rope_fingerprint=rope_fingerprint(omega),
             attention_scaling=round(scale, 6),
             nope_layers=",".join(str(s.layer) for s in sites if not s.query.rotary_dim),
+            rotary_start=int(q.rotary_start),
         )
         nope = f", NoPE layers {signature.nope_layers}" if signature.nope_layers else ""
         windowed = ",".join(str(i) for i in self.windowed_layers)

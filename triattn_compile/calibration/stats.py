@@ -8,7 +8,7 @@ as running sums so that online calibration (the capture op adds every live query
 
 File format ``triattn-stats/2``: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``),
 ``q_pass_mean`` (float32 ``[L, H, head_dim - rotary_dim]``) and string metadata (``format``, layer/head counts,
-head_dim, rotary_dim, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files (no
+head_dim, rotary_dim and rotary_start, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files (no
 ``q_pass_mean``) still load for fully rotary models.
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
@@ -48,6 +48,7 @@ class RotarySignature:
     rope_fingerprint: str
     attention_scaling: float
     nope_layers: str = ""  # comma-separated indices of layers without RoPE (all their dims pass through)
+    rotary_start: int = 0  # first rotary dim of the head (trailing partial rotary: head_dim - rotary_dim)
 
     @property
     def num_bands(self) -> int:
@@ -151,6 +152,7 @@ class QueryStats:
         ):
             raise StatsError(f"{path} is not a triattn stats file (format {meta.get('format')!r}, want {FORMAT!r})")
         meta.setdefault("nope_layers", "")  # absent from triattn-stats/1
+        meta.setdefault("rotary_start", "0")  # absent from files written before trailing rotary was supported
         for field, want in asdict(expected).items():
             got = meta.get(field)
             same = got is not None and (
