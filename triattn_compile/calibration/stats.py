@@ -8,8 +8,8 @@ as running sums so that online calibration (the capture op adds every live query
 
 File format ``triattn-stats/2``: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``),
 ``q_pass_mean`` (float32 ``[L, H, head_dim - rotary_dim]``) and string metadata (``format``, layer/head counts,
-head_dim, rotary_dim and rotary_start, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files (no
-``q_pass_mean``) still load for fully rotary models.
+head_dim, rotary_dim, rotary_start, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files
+(no ``q_pass_mean``) still load for fully rotary models.
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
 
