@@ -8,6 +8,7 @@ backend over a :class:`~triattn_compile.cache.CompressedCache`. :func:`restore` 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 
@@ -386,6 +387,9 @@ def calibrate(
     _discover(state)
     state.stats = QueryStats(state.signature)
     fn = torch.compile(state.original_forward, backend=TriAttentionBackend(state, "calibrate"), fullgraph=True)
+    # only queries are needed: a transformers LM head need not project every position onto the vocabulary
+    accepts = inspect.signature(state.original_forward).parameters
+    only_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
     device = next(model.parameters()).device
     chunks = list(ids.to(device).split(chunk_size))
     if progress:
@@ -395,7 +399,7 @@ def calibrate(
     try:
         with torch.no_grad():
             for chunk in chunks:
-                fn(input_ids=chunk[None], use_cache=False)
+                fn(input_ids=chunk[None], use_cache=False, **only_last)
     finally:
         torch._dynamo.reset()
     return state.stats
