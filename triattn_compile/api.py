@@ -42,6 +42,7 @@ class TriAttentionState:
         self.online = config.stats is None
         self.cache: CompressedCache | None = None
         self.original_forward = model.forward
+        self.device = next(model.parameters()).device  # the statistics live with the model (graph inputs)
         c = config
         self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
                                           seed=c.seed)
@@ -145,6 +146,10 @@ class TriAttentionState:
             if value is self.cache.ctrl:
                 return node
         raise PatternNotFound("the compressed cache's counters are not an input of the traced graph")
+
+    def empty_stats(self) -> QueryStats:
+        """Statistics with no query yet, on the model's device (online calibration fills them in the graph)."""
+        return QueryStats(self.signature, self.device)
 
     def stats_inputs(self) -> list[torch.Tensor]:
         return self.stats.tensors()
@@ -293,9 +298,9 @@ def optimize(model: nn.Module, budget: int = 2048, **options) -> nn.Module:
     state = TriAttentionState(model, config)
     _discover(state)
     if config.stats is not None:
-        state.stats = QueryStats.load(config.stats, state.signature)
+        state.stats = QueryStats.load(config.stats, state.signature, state.device)
     else:
-        state.stats = QueryStats(state.signature)
+        state.stats = state.empty_stats()
     compiled = torch.compile(state.original_forward, backend=TriAttentionBackend(state, "compress"), fullgraph=True)
 
     def forward(*args, **kwargs):
@@ -385,7 +390,7 @@ def calibrate(
         raise ValueError("calibration needs at least 2 tokens of text")
     state = TriAttentionState(model, TriAttentionConfig(compiler="eager"))
     _discover(state)
-    state.stats = QueryStats(state.signature)
+    state.stats = state.empty_stats()
     fn = torch.compile(state.original_forward, backend=TriAttentionBackend(state, "calibrate"), fullgraph=True)
     # only queries are needed: a transformers LM head need not project every position onto the vocabulary
     accepts = inspect.signature(state.original_forward).parameters

@@ -146,11 +146,9 @@ def _stats_groups(cfg: EvalConfig, model, tokenizer) -> dict[str | None, list[st
 
 def _reset_online_stats(model) -> None:
     """Online calibration starts from nothing for every sequence (no leakage across documents or policies)."""
-    from triattn_compile.calibration.stats import QueryStats
-
     state = model._triattn_state
     if state.online:
-        state.stats = QueryStats(state.signature)
+        state.stats = state.empty_stats()
 
 
 def _run_policy(cfg: EvalConfig, model, switch: PolicySwitch, spec: str, budget: int, docs: dict, full_docs: dict,
