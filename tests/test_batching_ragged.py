@@ -33,12 +33,16 @@ def setup(tmp_path_factory):
         out = _greedy(model, p[None], torch.ones(1, len(p), dtype=torch.long))
         alone.append(out[0, len(p):])
         assert tc.current_cache(model).compactions() >= 2
-    width = max(LENGTHS)
+    return model, *_left_pad(prompts), alone
+
+
+def _left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return model, ids, mask, alone
+    return ids, mask
 
 
 def test_left_padded_batch_equals_prompts_alone(setup):
@@ -77,3 +81,24 @@ def test_mask_that_is_not_left_padding_is_refused(holes):
         model(input_ids=ids, attention_mask=mask)
     message = str(exc.value)
     assert "\n" not in message and "left padding" in message
+
+
+def test_online_statistics_leave_out_padding():
+    """Online calibration over a left-padded prompt batch sees exactly the rows' own queries: the same statistics
+    as the prompts fed one by one."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in LENGTHS]
+    ids, mask = _left_pad(prompts)
+
+    def online_stats(feed):
+        model = tiny_llama()
+        tc.optimize(model, budget=32, divide_length=16, compiler="eager")
+        with torch.no_grad():
+            feed(model)
+        return tc.query_stats(model)
+
+    batched = online_stats(lambda model: model(input_ids=ids, attention_mask=mask))
+    alone = online_stats(lambda model: [model(input_ids=p[None]) for p in prompts])
+    assert batched.count.tolist() == alone.count.tolist() == [sum(LENGTHS)] * len(alone.count)
+    for a, b in zip(batched.tensors(), alone.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

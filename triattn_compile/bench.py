@@ -12,11 +12,13 @@ A run of ``L`` tokens also gives the figures of every shorter length (its first 
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,10 +77,12 @@ def _graphs() -> int:
 
 
 @torch.no_grad()
-def decode(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_step=None,
-           compaction_clock=None) -> Run:
-    """Greedy decode of ``steps`` tokens after the prompt ``ids`` ``[B, P]``; the first token comes from prefill.
-    ``compaction_clock()``: seconds spent compacting so far (read after each timed step)."""
+def decode_steps(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_step=None,
+                 compaction_clock=None) -> Generator[None, None, Run]:
+    """Greedy decode of ``steps`` tokens after the prompt ``ids`` ``[B, P]``, yielding after every forward call and
+    returning the :class:`Run`; the first token comes from prefill. Only this method's own calls are timed and only
+    the graphs compiled during them count as its recompiles, so several decodes can be interleaved
+    (:func:`lockstep`). ``compaction_clock()``: seconds spent compacting so far (read after each timed step)."""
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     run = Run(method, ids.shape[0], ids.shape[1])
     cache = make_cache()
@@ -87,19 +91,22 @@ def decode(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_s
     cache = out.past_key_values  # an optimized model creates its own compressed cache on the first call
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
-    graphs = 0
+    warmup = time.perf_counter() - start
+    yield
     for step in range(1, steps):
+        graphs = _graphs()
         t0 = time.perf_counter()
         out = forward(input_ids=token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         t1 = time.perf_counter()
         if step <= 2:
-            run.warmup_seconds = t1 - start
-            graphs = _graphs()
+            warmup += t1 - t0
+            run.warmup_seconds = warmup
             warm_compaction = compaction_clock() if compaction_clock is not None else 0.0
         else:
             run.step_seconds.append(t1 - t0)
+            run.recompiles_after_warmup += _graphs() - graphs
             if compaction_clock is not None:
                 run.compaction_cumulative.append(compaction_clock() - warm_compaction)
         generated.append(token)
@@ -108,10 +115,37 @@ def decode(forward, make_cache, ids: torch.Tensor, steps: int, method: str, on_s
             run.peak_kv_bytes = max(run.peak_kv_bytes, _kv_bytes(cache))
         if on_step is not None:
             on_step()
+        yield
     run.peak_kv_bytes = max(run.peak_kv_bytes, _kv_bytes(cache))
-    run.recompiles_after_warmup = _graphs() - graphs
     run.tokens = torch.cat(generated, dim=1).tolist()
     return run
+
+
+def decode(*args, **kwargs) -> Run:
+    """:func:`decode_steps` run to the end on its own."""
+    return lockstep([decode_steps(*args, **kwargs)])[0]
+
+
+def lockstep(decodes: list[Generator[None, None, Run]]) -> list[Run]:
+    """Advance the decodes one forward call each in turn until all are done; their runs, in order. A slowdown of
+    the machine during the measurement (another tenant, frequency, memory state) then falls on every method alike."""
+    runs: list[Run | None] = [None] * len(decodes)
+    live = dict(enumerate(decodes))
+    while live:
+        for i, gen in list(live.items()):
+            try:
+                next(gen)
+            except StopIteration as done:
+                runs[i] = done.value
+                del live[i]
+    return runs
+
+
+def _replica(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same parameter and buffer tensors: ``optimize`` modifies its model object in
+    place, and every method must read the very same weights."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo=shared)
 
 
 def real_text() -> str:
@@ -135,43 +169,61 @@ def prompt_ids(tokenizer, batch: int, text_tokens: int = 64) -> torch.Tensor:
     return ids.expand(batch, -1).contiguous()
 
 
-def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progress: bool = True) -> list[Run]:
-    """Decode with each method in turn on the same model object (restored in between)."""
+def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progress: bool = True,
+                interleave: bool = True) -> list[Run]:
+    """Decode with each method on the same weights. ``interleave``: all methods advance together, one step each in
+    turn (:func:`lockstep`), so their ratios do not depend on when each ran; the peak RSS is then the process's.
+    Otherwise one method after the other, Dynamo reset in between (each method's own peak RSS)."""
     from transformers import DynamicCache
 
     import triattn_compile as tc
 
-    runs = []
     for method in methods:
-        torch._dynamo.reset()
-        gc.collect()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps - 1, desc=f"{method} batch {ids.shape[0]}", unit="tok", leave=False)
-        on_step = bar.update if bar else None
-        full_cache = lambda: DynamicCache(config=model.config)
-        if method == "sdpa":
-            run = decode(model.forward, full_cache, ids, steps, method, on_step)
-        elif method == "compiled":
-            run = decode(torch.compile(model.forward), full_cache, ids, steps, method, on_step)
-        elif method.startswith("B="):
-            tc.optimize(model, budget=int(method[2:]))
-            try:
-                clock = lambda: model._triattn_state.compaction_seconds
-                run = decode(model.forward, lambda: None, ids, steps, method, on_step, clock)
-                cache = tc.current_cache(model)
-                run.compaction_seconds = model._triattn_state.compaction_seconds
-                run.compactions = cache.compactions()
-                run.peak_kv_bytes = cache.kv_bytes()
-            finally:
-                tc.restore(model)
-        else:
+        if method not in ("sdpa", "compiled") and not (method.startswith("B=") and method[2:].isdigit()):
             raise ValueError(f"unknown method {method!r}: use sdpa, compiled or B=<budget>")
-        if bar:
-            bar.close()
-        runs.append(run)
+    full_cache = lambda: DynamicCache(config=model.config)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=(steps - 1) * len(methods), desc=f"{'+'.join(methods)} batch {ids.shape[0]}", unit="step",
+                   leave=False)
+    on_step = bar.update if bar else None
+
+    def prepare(method: str) -> tuple[Generator[None, None, Run], Callable[[Run], None]]:
+        """The method's decode and what fills in its run afterwards."""
+        if method == "sdpa":
+            return decode_steps(model.forward, full_cache, ids, steps, method, on_step), lambda run: None
+        if method == "compiled":
+            return decode_steps(torch.compile(model.forward), full_cache, ids, steps, method, on_step), lambda r: None
+        replica = tc.optimize(_replica(model), budget=int(method[2:]))
+        state = replica._triattn_state
+
+        def finish(run: Run) -> None:
+            cache = tc.current_cache(replica)
+            run.compaction_seconds, run.compactions = state.compaction_seconds, cache.compactions()
+            run.peak_kv_bytes = cache.kv_bytes()
+
+        clock = lambda: state.compaction_seconds
+        return decode_steps(replica.forward, lambda: None, ids, steps, method, on_step, clock), finish
+
+    torch._dynamo.reset()
+    gc.collect()
+    if interleave:
+        prepared = [prepare(m) for m in methods]
+        runs = lockstep([gen for gen, _ in prepared])
+        for run, (_, finish) in zip(runs, prepared):
+            finish(run)
+    else:
+        runs = []
+        for method in methods:
+            gen, finish = prepare(method)
+            runs.append(lockstep([gen])[0])
+            finish(runs[-1])
+            torch._dynamo.reset()
+            gc.collect()
+    if bar:
+        bar.close()
     torch._dynamo.reset()
     return runs
 
@@ -278,17 +330,21 @@ def machine() -> str:
     return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def write_report(runs: list[Run], lengths: list[int], out: Path, command: str, dtype: str = "float32") -> dict:
+def write_report(runs: list[Run], lengths: list[int], out: Path, command: str, dtype: str = "float32",
+                 interleaved: bool = True) -> dict:
     """Markdown tables, the latency plot and the raw JSON under ``out``; returns the JSON-able summary."""
     from tabulate import tabulate
 
     out.mkdir(parents=True, exist_ok=True)
     tag = f"batch{runs[0].batch}"
-    summary = {"command": command, "machine": machine(), "dtype": dtype, "summary": summary_rows(runs, lengths),
+    schedule = ("methods interleaved, one decode step each in turn (peak RSS is the process's)" if interleaved
+                else "methods one after the other (peak RSS per method)")
+    summary = {"command": command, "machine": machine(), "dtype": dtype, "schedule": schedule,
+               "summary": summary_rows(runs, lengths),
                "deciles": decile_rows(runs), "targets": targets(runs) if runs[0].batch == 1 else []}
     table = lambda rows: tabulate(rows, headers="keys", tablefmt="github")
     md = [f"# Decode benchmark, batch {runs[0].batch}", "", f"Command: `{command}`", "",
-          f"Machine: {summary['machine']}; weights and KV in {dtype}", "",
+          f"Machine: {summary['machine']}; weights and KV in {dtype}; {schedule}", "",
           "## Throughput and memory", "", table(summary["summary"]), "",
           "## Step latency (ms, median per tenth of the generation)", "", table(summary["deciles"]), ""]
     if summary["targets"]:

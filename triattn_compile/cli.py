@@ -90,8 +90,9 @@ def _bench(args: argparse.Namespace) -> dict:
         if ids.shape[1] + args.length > model.config.max_position_embeddings:
             raise ValueError(f"prompt + {args.length} tokens exceed the model's context "
                              f"({model.config.max_position_embeddings}); use a smaller --length")
-        runs = run_methods(model, ids, args.length, methods, progress=not args.json)
-        report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command, args.dtype)
+        runs = run_methods(model, ids, args.length, methods, progress=not args.json, interleave=not args.sequential)
+        report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command, args.dtype,
+                              interleaved=not args.sequential)
         if not args.json:
             print(report.pop("markdown"))
         else:
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the memory-capped serving comparison under this KV cap (MiB); 0 skips it")
     bench.add_argument("--serve-context", type=int, default=8000,
                        help="context length (tokens) at which the serving comparison decodes")
+    bench.add_argument("--sequential", action="store_true",
+                       help="run the methods one after the other (each its own peak RSS) instead of interleaving "
+                            "their steps (default: robust ratios when the machine's speed drifts)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--passage-tokens", type=int, default=64,

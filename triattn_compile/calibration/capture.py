@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from triattn_compile.cache import PAD, SEEN
 from triattn_compile.kernels.scoring.naive import band_parts
 
 
@@ -24,12 +25,20 @@ def capture_queries(
     pairing: str,
     rotary_dim: int,
     rotary_start: int = 0,
+    ctrl: torch.Tensor | None = None,
 ) -> None:
     """Accumulate pre-RoPE queries ``q_pre`` (heads on ``head_axis``, head_dim last) into the ``[L, H, F]`` band
     sums and the ``[L, H, P]`` sums of the pass-through dims, in float64. The rotary dims start at ``rotary_start``
-    (trailing in MLA); statistics always list them first: ``[rotary ; pass-through]``."""
-    q = q_pre.detach().movedim(head_axis, -2)
-    q = q.reshape(-1, q.shape[-2], q.shape[-1]).double()  # [N, H, D]
+    (trailing in MLA); statistics always list them first: ``[rotary ; pass-through]``. With the compressed cache's
+    counters ``ctrl`` (online calibration), the queries of left-padding tokens are left out."""
+    q = q_pre.detach().movedim(head_axis, -2).double()  # [B, T, H, D] (or [N, H, D])
+    valid = None
+    if ctrl is not None:  # a row's token t is at position fed + t - pad; padding has negative positions
+        pos = ctrl[SEEN][:, None] + torch.arange(q.shape[1], device=q.device) - ctrl[PAD][:, None]  # [B, T]
+        valid = (pos >= 0).reshape(-1)
+    q = q.reshape(-1, q.shape[-2], q.shape[-1])  # [N, H, D]
+    if valid is not None:
+        q = q * valid[:, None, None]
     if rotary_start:
         q = q.roll(-rotary_start, -1)
     if rotary_dim:  # a NoPE layer (rotary_dim 0) has no bands: all its dims pass through
@@ -40,4 +49,4 @@ def capture_queries(
     passing = q.shape[-1] - rotary_dim
     if passing:  # right-aligned in sum_pass [L, H, P] (P = head_dim when the model has NoPE layers)
         sum_pass[layer, :, sum_pass.shape[-1] - passing :] += q[..., rotary_dim:].sum(0)
-    count[layer] += q.shape[0]
+    count[layer] += q.shape[0] if valid is None else valid.sum()

@@ -54,11 +54,11 @@ class TriAttentionBackend:
             names += state.cache_input_names()
         extra = dict(zip(names, add_inputs(gm.graph, names)))
         stats = [extra[n] for n in TENSOR_NAMES]
+        ctrl = state.find_ctrl(gm, example_inputs) if self.mode == "compress" else None
         if capture:
-            insert_capture(gm.graph, sites, stats)
+            insert_capture(gm.graph, sites, stats, ctrl)
             counters["triattn"]["capture"] += len(sites)
         if self.mode == "compress":
-            ctrl = state.find_ctrl(gm, example_inputs)
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
             masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], state.windows[site.layer])
                      for site in sites]

@@ -33,14 +33,15 @@ def add_inputs(graph: Graph, names: list[str]) -> list[Node]:
     return nodes
 
 
-def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node]) -> None:
-    """Feed each site's pre-RoPE query to :func:`~triattn_compile.calibration.capture.capture_queries`."""
+def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node], ctrl: Node | None = None) -> None:
+    """Feed each site's pre-RoPE query to :func:`~triattn_compile.calibration.capture.capture_queries` (with the
+    compressed cache's counters ``ctrl``, which leave out left-padding tokens)."""
     for site in sites:
         with graph.inserting_after(site.query.pre):
             graph.call_function(
                 capture_queries,
                 (site.query.pre, *stats, site.layer, site.head_axis, site.query.pairing, site.query.rotary_dim,
-                 site.query.rotary_start),
+                 site.query.rotary_start, ctrl),
             )
 
 
