@@ -8,6 +8,8 @@ EOS, and is timed per step (with a device sync on CUDA). Methods:
 * ``B=<budget>``: ``triattn_compile.optimize(model, budget=<budget>)`` (Inductor, TriAttention policy).
 
 A run of ``L`` tokens also gives the figures of every shorter length (its first ``n`` steps are the same decode).
+By default the methods run interleaved, one decode step each in turn (:func:`lockstep`), so that the ratios between
+them do not depend on the machine's speed drifting during a long run.
 """
 
 from __future__ import annotations
