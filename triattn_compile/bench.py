@@ -123,11 +123,6 @@ def decode_steps(forward, make_cache, ids: torch.Tensor, steps: int, method: str
     return run
 
 
-def decode(*args, **kwargs) -> Run:
-    """:func:`decode_steps` run to the end on its own."""
-    return lockstep([decode_steps(*args, **kwargs)])[0]
-
-
 def lockstep(decodes: list[Generator[None, None, Run]]) -> list[Run]:
     """Advance the decodes one forward call each in turn until all are done; their runs, in order. A slowdown of
     the machine during the measurement (another tenant, frequency, memory state) then falls on every method alike."""
