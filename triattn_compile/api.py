@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from triattn_compile.cache import PAD, CompressedCache
+from triattn_compile.cache import CompressedCache, query_positions
 from triattn_compile.calibration.stats import QueryStats, RotarySignature, rope_fingerprint
 from triattn_compile.config import TriAttentionConfig
 from triattn_compile.kernels.compact import compact, compaction_inputs
@@ -339,8 +339,7 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
             "used); feed at most divide_length tokens per call after the prompt"
         )
     if kwargs.get("position_ids") is None:  # each row's own positions: tokens fed minus its left padding
-        pos = (cache.tokens_seen() + torch.arange(length, device=ref.device))[None].expand(batch, length)
-        kwargs["position_ids"] = (pos - cache.ctrl[PAD][:, None]).clamp(min=0) if any(cache.pads) else pos
+        kwargs["position_ids"] = query_positions(cache.ctrl, length).clamp(min=0)
     kwargs["use_cache"] = True
     state.cache = cache
     if args:

@@ -28,6 +28,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 OCCUPIED, SEEN, PAD = range(3)
 
 
+def query_positions(ctrl: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, length]`` positions of the tokens a step feeds: row b's token t is at ``fed + t - pad_b`` (negative for
+    left padding)."""
+    return ctrl[SEEN][:, None] + torch.arange(length, device=ctrl.device) - ctrl[PAD][:, None]
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's key/value slots ``[B, Hkv, C, D]``; row b's token t goes to slot
     ``(ctrl[OCCUPIED, b] + t - lead_b) mod C``, ``lead_b`` being the row's padding still in this call (so a row's real

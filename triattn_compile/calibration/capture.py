@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from triattn_compile.cache import PAD, SEEN
+from triattn_compile.cache import query_positions
 from triattn_compile.kernels.scoring.naive import band_parts
 
 
@@ -34,8 +34,7 @@ def capture_queries(
     q = q_pre.detach().movedim(head_axis, -2).double()  # [B, T, H, D] (or [N, H, D])
     valid = None
     if ctrl is not None:  # a row's token t is at position fed + t - pad; padding has negative positions
-        pos = ctrl[SEEN][:, None] + torch.arange(q.shape[1], device=q.device) - ctrl[PAD][:, None]  # [B, T]
-        valid = (pos >= 0).reshape(-1)
+        valid = (query_positions(ctrl, q.shape[1]) >= 0).reshape(-1)
     q = q.reshape(-1, q.shape[-2], q.shape[-1])  # [N, H, D]
     if valid is not None:
         q = q * valid[:, None, None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from triattn_compile.cache import OCCUPIED, PAD, SEEN, CompressedCache
+from triattn_compile.cache import OCCUPIED, SEEN, CompressedCache, query_positions
 from triattn_compile.kernels.scoring.naive import fold_latent_query, select_keep
 from triattn_compile.policies import CompactionInputs, Policy
 
@@ -23,7 +23,7 @@ def record_positions(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Te
     """Before the first attention: the step's tokens at ``slots`` ``[B, T]`` get their row's position
     ``fed + t - pad`` in every layer's ``slot_pos`` (``-1`` for padding tokens)."""
     L, B, H, _ = slot_pos.shape
-    pos = ctrl[SEEN][:, None] + torch.arange(slots.shape[-1], device=slots.device) - ctrl[PAD][:, None]  # [B, T]
+    pos = query_positions(ctrl, slots.shape[-1])
     pos = pos.masked_fill(pos < 0, -1)
     shape = (L, B, H, slots.shape[-1])
     slot_pos.scatter_(3, slots[None, :, None, :].expand(shape), pos[None, :, None, :].expand(shape))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from triattn_compile.cache import PAD, SEEN
+from triattn_compile.cache import query_positions
 from triattn_compile.calibration.capture import capture_queries
 from triattn_compile.passes.match import MATMUL_TARGETS, AttentionSite, _is, computes_scores, walk_to_buffer
 from triattn_compile.passes.rotary import fake_value
@@ -55,7 +55,7 @@ def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tens
     """
     slot_pos = slot_pos[layer]  # [B, Hkv, C]
     slots = slots.expand(slot_pos.shape[0], -1) if slots.dim() == 1 else slots  # [B, T]
-    query_pos = ctrl[SEEN][:, None] + torch.arange(slots.shape[-1], device=slots.device) - ctrl[PAD][:, None]
+    query_pos = query_positions(ctrl, slots.shape[-1])  # [B, T]
     pos = slot_pos[:, :, None, :]  # [B, Hkv, 1, C]
     visible = (pos >= 0) & (pos <= query_pos[:, None, :, None])
     if window:
