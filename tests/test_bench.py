@@ -48,3 +48,40 @@ def test_targets_read_off_the_runs() -> None:
     failed = [name for name, r in rows.items() if r["met"] == "NO"]
     assert any(name.startswith("short generation") for name in failed)
     assert any(name.startswith("peak KV") for name in failed)
+
+
+def test_feeding_a_context_compacts_as_decoding_it_does() -> None:
+    """``_feed`` gives an optimized model at most its free slots per call, so after N tokens its cache holds the
+    same positions as after decoding the N tokens one by one (scoring needs no live query)."""
+    import triattn_compile as tc
+    from triattn_compile.bench import _feed
+
+    model = tiny_llama()
+    context = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))
+    chunked = _feed(tc.optimize(model, budget=132, protect_prompt=False), context)
+    tc.restore(model)
+    one_by_one = _feed(tc.optimize(model, budget=132, protect_prompt=False), context[:, :1])
+    optimized = model
+    for t in range(1, context.shape[1]):
+        one_by_one = optimized(input_ids=context[:, t:t + 1], past_key_values=one_by_one,
+                               use_cache=True).past_key_values
+    assert chunked.tokens_seen() == one_by_one.tokens_seen() == 700
+    assert chunked.compactions() == one_by_one.compactions() >= 2
+    kept = lambda cache: cache.slot_pos.sort(-1).values
+    assert torch.equal(kept(chunked), kept(one_by_one))
+
+
+def test_context_latency_and_serving_rows() -> None:
+    from triattn_compile.bench import context_latency, serving
+
+    model = tiny_llama()
+    context = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+    rows = context_latency(model, context, [1, 4], ["sdpa", "compiled", "B=132"], steps=8)
+    assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sdpa", "compiled", "B=132")]
+    assert all(r["context"] == 600 and r["ms/step"] > 0 for r in rows)
+    assert rows[0]["step vs sdpa"] == 1.0
+    assert not hasattr(model, "_triattn_state")
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head_dim, float32
+    served = serving(model, context, 64 * 600 * per_token, [132], steps=8)
+    assert served[0]["method"] == "sdpa" and served[0]["max batch"] == 64
+    assert served[1]["max batch"] > 64 * 600 // (132 + 128) // 2  # roughly N / capacity more sequences fit

@@ -176,8 +176,8 @@ def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progre
     import triattn_compile as tc
 
     for method in methods:
-        if method not in ("sdpa", "compiled") and not (method.startswith("B=") and method[2:].isdigit()):
-            raise ValueError(f"unknown method {method!r}: use sdpa, compiled or B=<budget>")
+        if method not in ("sdpa", "compiled"):
+            _budget(method)
     full_cache = lambda: DynamicCache(config=model.config)
     bar = None
     if progress:
@@ -193,7 +193,7 @@ def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progre
             return decode_steps(model.forward, full_cache, ids, steps, method, on_step), lambda run: None
         if method == "compiled":
             return decode_steps(torch.compile(model.forward), full_cache, ids, steps, method, on_step), lambda r: None
-        replica = tc.optimize(_replica(model), budget=int(method[2:]))
+        replica = tc.optimize(_replica(model), budget=_budget(method))
         state = replica._triattn_state
 
         def finish(run: Run) -> None:
@@ -363,6 +363,20 @@ def _replicate(cache, batch: int) -> None:
 
 
 @torch.no_grad()
+def _feed(model, context: torch.Tensor, cache=None, chunk: int = 1024):
+    """The cache after feeding ``context`` ``[1, N]`` to ``model`` in chunks. An optimized model gets at most the
+    free slots per call, so it compacts as in a generation of N tokens (its first call creates its cache)."""
+    state = getattr(model, "_triattn_state", None)
+    fed = 0
+    while fed < context.shape[1]:
+        if state is not None:
+            chunk = state.capacity - (cache.occupancy()[0] if cache is not None else 0)
+        cache = model(input_ids=context[:, fed:fed + chunk], past_key_values=cache, use_cache=True).past_key_values
+        fed += chunk
+    return cache
+
+
+@torch.no_grad()
 def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> float:
     """Seconds per decode step over ``steps`` steps after two warm-up steps (tokens/s = batch / that)."""
     sync = torch.cuda.synchronize if token.is_cuda else (lambda: None)
@@ -376,14 +390,59 @@ def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> list[dict]:
-    """Table-4-style run: under a KV-memory cap, the largest batch each method fits at the end of a generation of
-    ``context`` tokens (``[1, N]``), and its decode throughput there (full attention holds N tokens per sequence;
-    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation)."""
+def step_seconds_after(model, context: torch.Tensor, batch: int, method: str, steps: int = 128) -> float:
+    """Seconds per decode step of ``method`` (``sdpa``, ``compiled`` or ``B=<budget>``) for ``batch`` sequences that
+    each hold the context ``[1, N]``: the state at position N of a long generation, without decoding N steps.
+    128 steps span one compaction round of an optimized model."""
     from transformers import DynamicCache
 
     import triattn_compile as tc
 
+    token = context[:, -1:].expand(batch, 1)
+    if method in ("sdpa", "compiled"):
+        cache = _feed(model, context, DynamicCache(config=model.config))
+        _replicate(cache, batch)
+        forward = model.forward if method == "sdpa" else torch.compile(model.forward)
+        try:
+            return _steady_decode(forward, cache, token, steps)
+        finally:
+            torch._dynamo.reset()
+    budget = _budget(method)
+    optimized = tc.optimize(_replica(model), budget=budget, protect_prompt=False)
+    try:
+        cache = _feed(optimized, context)
+        _replicate(cache, batch)
+        return _steady_decode(optimized.forward, cache, token, steps)
+    finally:
+        torch._dynamo.reset()
+
+
+def _budget(method: str) -> int:
+    if not (method.startswith("B=") and method[2:].isdigit()):
+        raise ValueError(f"unknown method {method!r}: use sdpa, compiled or B=<budget>")
+    return int(method[2:])
+
+
+def context_latency(model, context: torch.Tensor, batches: list[int], methods: list[str],
+                    steps: int = 128) -> list[dict]:
+    """Per-step decode latency of every method at each batch size after a context of ``[1, N]`` tokens per
+    sequence (:func:`step_seconds_after`): long contexts at batch sizes whose whole generation is too slow to run."""
+    rows = []
+    for batch in batches:
+        first = None
+        for method in methods:
+            seconds = step_seconds_after(model, context, batch, method, steps)
+            first = first or seconds
+            rows.append({"method": method, "batch": batch, "context": context.shape[1],
+                         "ms/step": round(1000 * seconds, 1), "tok/s": round(batch / seconds, 1),
+                         f"step vs {methods[0]}": round(seconds / first, 3)})
+    return rows
+
+
+def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> list[dict]:
+    """Table-4-style run: under a KV-memory cap, the largest batch each method fits at the end of a generation of
+    ``context`` tokens (``[1, N]``), and its decode throughput there (full attention holds N tokens per sequence;
+    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation)."""
     cfg = model.config.get_text_config()
     elsize = next(model.parameters()).element_size()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -391,27 +450,13 @@ def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], st
     rows = []
     batch = cap_bytes // (per_slot * context.shape[1])
     if batch >= 1:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            for chunk in context.split(1024, dim=1):
-                model(input_ids=chunk, past_key_values=cache, use_cache=True)
-        _replicate(cache, batch)
-        step = _steady_decode(model.forward, cache, context[:, -1:].expand(batch, 1), steps)
+        step = step_seconds_after(model, context, batch, "sdpa", steps)
         rows.append({"method": "sdpa", "KV per sequence MiB": round(per_slot * context.shape[1] / 2**20, 1),
                      "max batch": batch, "tok/s": round(batch / step, 1)})
     for budget in budgets:
         per_seq = (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128)  # + slot_pos
         batch = cap_bytes // per_seq
-        tc.optimize(model, budget=budget, protect_prompt=False)
-        try:
-            with torch.no_grad():
-                out = model(input_ids=context[:, : budget + 127], use_cache=True)
-            cache = out.past_key_values
-            _replicate(cache, batch)
-            step = _steady_decode(model.forward, cache, context[:, -1:].expand(batch, 1), steps)
-        finally:
-            tc.restore(model)
-            torch._dynamo.reset()
+        step = step_seconds_after(model, context, batch, f"B={budget}", steps)
         rows.append({"method": f"B={budget}", "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,
                      "tok/s": round(batch / step, 1)})
     for row in rows:

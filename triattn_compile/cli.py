@@ -73,7 +73,7 @@ def _generate(args: argparse.Namespace) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> dict:
-    from triattn_compile.bench import prompt_ids, run_methods, write_report
+    from triattn_compile.bench import context_latency, prompt_ids, run_methods, serving, text_ids, write_report
     from triattn_compile.loading import load_model
 
     if args.threads:
@@ -84,6 +84,9 @@ def _bench(args: argparse.Namespace) -> dict:
     methods = [*args.methods, *(f"B={b}" for b in args.budgets)]
     lengths = sorted({*args.lengths, args.length})
     command = "triattn bench " + " ".join(sys.argv[2:]) if args.command_line is None else args.command_line
+    limit = model.config.max_position_embeddings
+    if max([*args.contexts, args.serve_context if args.serve_cap_mib else 0]) > limit:
+        raise ValueError(f"a context of --contexts or --serve-context exceeds the model's context ({limit} tokens)")
     reports = {}
     for batch in args.batch if args.length else []:
         ids = prompt_ids(tokenizer, batch, args.passage_tokens).to(device)
@@ -98,22 +101,32 @@ def _bench(args: argparse.Namespace) -> dict:
         else:
             report.pop("markdown")
         reports[f"batch {batch}"] = report
+    if args.contexts:
+        rows = [row for length in args.contexts
+                for row in context_latency(model, text_ids(tokenizer, length).to(device), args.batch, methods)]
+        title = "Decode step latency after a given context (128 steps, one compaction round, per method and batch)"
+        reports["contexts"] = _write_table(rows, title, args.out / "contexts.md", command, args.json)
     if args.serve_cap_mib:
-        from tabulate import tabulate
-
-        from triattn_compile.bench import machine, serving, text_ids
-
         context = text_ids(tokenizer, args.serve_context).to(device)
         rows = serving(model, context, args.serve_cap_mib * 2**20, args.budgets)
-        md = "\n".join([f"# Serving under a {args.serve_cap_mib} MiB KV cap, end of a {args.serve_context}-token "
-                        "generation", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
-                        tabulate(rows, headers="keys", tablefmt="github"), ""])
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serving.md").write_text(md)
-        if not args.json:
-            print(md)
-        reports["serving"] = rows
+        title = f"Serving under a {args.serve_cap_mib} MiB KV cap, end of a {args.serve_context}-token generation"
+        reports["serving"] = _write_table(rows, title, args.out / "serving.md", command, args.json)
     return reports if args.json else {"written to": str(args.out)}
+
+
+def _write_table(rows: list[dict], title: str, path: Path, command: str, quiet: bool) -> list[dict]:
+    """A markdown report of one table (printed unless ``quiet``); returns the rows."""
+    from tabulate import tabulate
+
+    from triattn_compile.bench import machine
+
+    md = "\n".join([f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+                    tabulate(rows, headers="keys", tablefmt="github"), ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(md)
+    if not quiet:
+        print(md)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the memory-capped serving comparison under this KV cap (MiB); 0 skips it")
     bench.add_argument("--serve-context", type=int, default=8000,
                        help="context length (tokens) at which the serving comparison decodes")
+    bench.add_argument("--contexts", type=int, nargs="*", default=[],
+                       help="also time decode steps after contexts of these lengths (tokens of real text per "
+                            "sequence), every method and batch size, without generating up to them")
     bench.add_argument("--sequential", action="store_true",
                        help="run the methods one after the other (each its own peak RSS) instead of interleaving "
                             "their steps (default: robust ratios when the machine's speed drifts)")
