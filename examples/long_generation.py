@@ -4,6 +4,7 @@ Runs full attention and the optimized model on the same chat prompt and prints t
 slots each held, and the start of both texts.
 
     python examples/long_generation.py --budget 256 --new-tokens 2000
+    python examples/long_generation.py --budget 1024 --new-tokens 8000 --dtype bfloat16   # an 8K timing via generate()
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=256, help="TriAttention KV budget per KV head")
     parser.add_argument("--new-tokens", type=int, default=2000, help="tokens to generate")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and KV dtype")
     parser.add_argument("--skip-full", action="store_true", help="do not run the full-attention baseline")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
     ids = chat_ids(tokenizer, PROMPT)
     print(f"prompt: {ids.shape[1]} tokens; generating {args.new_tokens} tokens")
 

@@ -79,6 +79,7 @@ def test_context_latency_and_serving_rows() -> None:
     rows = context_latency(model, context, [1, 4], ["sdpa", "compiled", "B=132"], steps=8)
     assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sdpa", "compiled", "B=132")]
     assert all(r["context"] == 600 and r["ms/step"] > 0 for r in rows)
+    assert all(r["recompiles"] == 0 for r in rows), rows  # nothing compiles while the steps are timed
     assert rows[0]["step vs sdpa"] == 1.0
     assert not hasattr(model, "_triattn_state")
     per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head_dim, float32

@@ -377,23 +377,26 @@ def _feed(model, context: torch.Tensor, cache=None, chunk: int = 1024):
 
 
 @torch.no_grad()
-def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> float:
-    """Seconds per decode step over ``steps`` steps after two warm-up steps (tokens/s = batch / that)."""
+def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> tuple[float, int]:
+    """Seconds per decode step over ``steps`` steps after two warm-up steps (tokens/s = batch / that), and the
+    graphs compiled during those steps (a recompile there inflates the figure)."""
     sync = torch.cuda.synchronize if token.is_cuda else (lambda: None)
     for _ in range(2):
-        forward(input_ids=token, past_key_values=cache, use_cache=True)
+        token = forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     sync()
+    graphs = _graphs()
     start = time.perf_counter()
     for _ in range(steps):
         token = forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     sync()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, _graphs() - graphs
 
 
-def step_seconds_after(model, context: torch.Tensor, batch: int, method: str, steps: int = 128) -> float:
-    """Seconds per decode step of ``method`` (``sdpa``, ``compiled`` or ``B=<budget>``) for ``batch`` sequences that
-    each hold the context ``[1, N]``: the state at position N of a long generation, without decoding N steps.
-    128 steps span one compaction round of an optimized model."""
+def step_seconds_after(model, context: torch.Tensor, batch: int, method: str,
+                       steps: int = 128) -> tuple[float, int]:
+    """Seconds per decode step, and graphs compiled while timing, of ``method`` (``sdpa``, ``compiled`` or
+    ``B=<budget>``) for ``batch`` sequences that each hold the context ``[1, N]``: the state at position N of a long
+    generation, without decoding N steps. 128 steps span one compaction round of an optimized model."""
     from transformers import DynamicCache
 
     import triattn_compile as tc
@@ -412,6 +415,7 @@ def step_seconds_after(model, context: torch.Tensor, batch: int, method: str, st
     try:
         cache = _feed(optimized, context)
         _replicate(cache, batch)
+        torch._dynamo.reset()  # the decode graph is compiled for the batch's shapes, not generalised from the feed's
         return _steady_decode(optimized.forward, cache, token, steps)
     finally:
         torch._dynamo.reset()
@@ -431,11 +435,11 @@ def context_latency(model, context: torch.Tensor, batches: list[int], methods: l
     for batch in batches:
         first = None
         for method in methods:
-            seconds = step_seconds_after(model, context, batch, method, steps)
+            seconds, recompiles = step_seconds_after(model, context, batch, method, steps)
             first = first or seconds
             rows.append({"method": method, "batch": batch, "context": context.shape[1],
                          "ms/step": round(1000 * seconds, 1), "tok/s": round(batch / seconds, 1),
-                         f"step vs {methods[0]}": round(seconds / first, 3)})
+                         f"step vs {methods[0]}": round(seconds / first, 3), "recompiles": recompiles})
     return rows
 
 
@@ -450,15 +454,15 @@ def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], st
     rows = []
     batch = cap_bytes // (per_slot * context.shape[1])
     if batch >= 1:
-        step = step_seconds_after(model, context, batch, "sdpa", steps)
+        step, recompiles = step_seconds_after(model, context, batch, "sdpa", steps)
         rows.append({"method": "sdpa", "KV per sequence MiB": round(per_slot * context.shape[1] / 2**20, 1),
-                     "max batch": batch, "tok/s": round(batch / step, 1)})
+                     "max batch": batch, "tok/s": round(batch / step, 1), "recompiles": recompiles})
     for budget in budgets:
         per_seq = (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128)  # + slot_pos
         batch = cap_bytes // per_seq
-        step = step_seconds_after(model, context, batch, f"B={budget}", steps)
+        step, recompiles = step_seconds_after(model, context, batch, f"B={budget}", steps)
         rows.append({"method": f"B={budget}", "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,
-                     "tok/s": round(batch / step, 1)})
+                     "tok/s": round(batch / step, 1), "recompiles": recompiles})
     for row in rows:
         row["tok/s vs sdpa"] = round(row["tok/s"] / rows[0]["tok/s"], 2) if rows[0]["method"] == "sdpa" else None
     return rows
