@@ -76,6 +76,8 @@ def _bench(args: argparse.Namespace) -> dict:
     from triattn_compile.bench import context_latency, prompt_ids, run_methods, serving, text_ids, write_report
     from triattn_compile.loading import load_model
 
+    if any(n < 1 for n in args.contexts):
+        raise ValueError(f"--contexts {' '.join(map(str, args.contexts))}: every context needs at least 1 token")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
