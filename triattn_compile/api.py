@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from triattn_compile.cache import CompressedCache, query_positions
+from triattn_compile.cache import CACHE_KEYWORDS, CompressedCache, cache_keyword, query_positions
 from triattn_compile.calibration.stats import QueryStats, RotarySignature, rope_fingerprint
 from triattn_compile.config import TriAttentionConfig
 from triattn_compile.kernels.compact import compact, compaction_inputs
@@ -42,6 +42,7 @@ class TriAttentionState:
         self.online = config.stats is None
         self.cache: CompressedCache | None = None
         self.original_forward = model.forward
+        self.cache_keyword = cache_keyword(model.forward)
         self.device = next(model.parameters()).device  # the statistics live with the model (graph inputs)
         c = config
         self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
@@ -232,7 +233,8 @@ def _discover(state: TriAttentionState) -> None:
     fn = torch.compile(state.original_forward, backend=TriAttentionBackend(state, "discover"), fullgraph=True)
     try:
         with torch.no_grad():
-            fn(input_ids=ids, past_key_values=probe, position_ids=torch.arange(2, device=device)[None], use_cache=True)
+            positions = torch.arange(2, device=device)[None]
+            fn(input_ids=ids, **{state.cache_keyword: probe}, position_ids=positions, use_cache=True)
     except Exception as exc:  # dynamo wraps backend errors
         cause = exc
         while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
@@ -316,12 +318,14 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
     embeds = kwargs.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     batch, length = ref.shape[:2]
-    cache = kwargs.get("past_key_values")
+    given = [kwargs.pop(name) for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
+    cache = given[0] if given else None
     if not isinstance(cache, CompressedCache):
         if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("past_key_values already holds tokens; optimized models manage their own cache")
+            raise ValueError("the cache passed already holds tokens; an optimized model keeps its own: "
+                             "pass no cache (or an empty one)")
         cache = state.new_cache(batch, ref.device, _kv_dtype(state.model))
-        kwargs["past_key_values"] = cache
+    kwargs[state.cache_keyword] = cache
     fresh = cache.tokens_seen() == 0
     mask = kwargs.pop("attention_mask", None)
     if fresh:

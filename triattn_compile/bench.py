@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from triattn_compile.cache import cache_keyword, returned_cache
+
 RSS_SAMPLE_EVERY = 64
 
 
@@ -87,10 +89,10 @@ def decode_steps(forward, make_cache, ids: torch.Tensor, steps: int, method: str
     (:func:`lockstep`). ``compaction_clock()``: seconds spent compacting so far (read after each timed step)."""
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     run = Run(method, ids.shape[0], ids.shape[1])
-    cache = make_cache()
+    cache, keyword = make_cache(), cache_keyword(forward)
     start = time.perf_counter()
-    out = forward(input_ids=ids, past_key_values=cache, use_cache=True)
-    cache = out.past_key_values  # an optimized model creates its own compressed cache on the first call
+    out = forward(input_ids=ids, **{keyword: cache}, use_cache=True)
+    cache = returned_cache(out)  # an optimized model creates its own compressed cache on the first call
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     generated = [token]
     warmup = time.perf_counter() - start
@@ -98,7 +100,7 @@ def decode_steps(forward, make_cache, ids: torch.Tensor, steps: int, method: str
     for step in range(1, steps):
         graphs = _graphs()
         t0 = time.perf_counter()
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+        out = forward(input_ids=token, **{keyword: cache}, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         t1 = time.perf_counter()
@@ -367,11 +369,11 @@ def _feed(model, context: torch.Tensor, cache=None, chunk: int = 1024):
     """The cache after feeding ``context`` ``[1, N]`` to ``model`` in chunks. An optimized model gets at most the
     free slots per call, so it compacts as in a generation of N tokens (its first call creates its cache)."""
     state = getattr(model, "_triattn_state", None)
-    fed = 0
+    fed, keyword = 0, cache_keyword(model.forward)
     while fed < context.shape[1]:
         if state is not None:
             chunk = state.capacity - (cache.occupancy()[0] if cache is not None else 0)
-        cache = model(input_ids=context[:, fed:fed + chunk], past_key_values=cache, use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=context[:, fed:fed + chunk], **{keyword: cache}, use_cache=True))
         fed += chunk
     return cache
 
@@ -381,13 +383,14 @@ def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> tuple[flo
     """Seconds per decode step over ``steps`` steps after two warm-up steps (tokens/s = batch / that), and the
     graphs compiled during those steps (a recompile there inflates the figure)."""
     sync = torch.cuda.synchronize if token.is_cuda else (lambda: None)
+    keyword = cache_keyword(forward)
     for _ in range(2):
-        token = forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = forward(input_ids=token, **{keyword: cache}, use_cache=True).logits[:, -1:].argmax(-1)
     sync()
     graphs = _graphs()
     start = time.perf_counter()
     for _ in range(steps):
-        token = forward(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = forward(input_ids=token, **{keyword: cache}, use_cache=True).logits[:, -1:].argmax(-1)
     sync()
     return (time.perf_counter() - start) / steps, _graphs() - graphs
 

@@ -22,10 +22,24 @@ the row's last slots (``(occupied + t - pad) mod C``), marked ``-1`` and overwri
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 OCCUPIED, SEEN, PAD = range(3)
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it ``cache``; older ones and plain models
+
+
+def cache_keyword(forward) -> str:
+    """The keyword under which ``forward`` takes its KV cache: ``cache`` where it declares one, else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def returned_cache(output) -> Cache:
+    """The cache a transformers forward returned: ``output.cache`` (>= 5.24) or ``output.past_key_values``."""
+    return output["cache"] if "cache" in output else output.past_key_values
 
 
 def query_positions(ctrl: torch.Tensor, length: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from triattn_compile.cache import cache_keyword
 from triattn_compile.evaluation.nll import Forced
 
 
@@ -20,12 +21,13 @@ def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int) -> torch.T
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=prompt[None], past_key_values=cache, use_cache=True)
+    keyword = cache_keyword(model.forward)
+    out = model(input_ids=prompt[None], **{keyword: cache}, use_cache=True)
     tokens = []
     for _ in range(new_tokens):
         nxt = out.logits[0, -1].argmax()
         tokens.append(nxt)
-        out = model(input_ids=nxt.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt.view(1, 1), **{keyword: cache}, use_cache=True)
     return torch.stack(tokens)
 
 

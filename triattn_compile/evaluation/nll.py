@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from triattn_compile.cache import cache_keyword
+
 
 @dataclass
 class Forced:
@@ -54,7 +56,7 @@ def teacher_force(model, ids: torch.Tensor, compressed: bool, chunk: int = 512, 
         else:
             step = min(chunk, n - pos)
         piece = ids[pos : pos + step][None]
-        kwargs = {"past_key_values": cache} if cache is not None else {}
+        kwargs = {cache_keyword(model.forward): cache} if cache is not None else {}
         out = model(input_ids=piece, use_cache=True, **kwargs)
         if compressed:
             cache = tc.current_cache(model)

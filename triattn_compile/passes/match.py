@@ -327,7 +327,7 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
             if kw is None or vw is None:
                 raise PatternNotFound(
                     f"{where}: keys/values do not come from the compressed cache; the model must pass "
-                    "`past_key_values` to its attention layers"
+                    "its cache (`cache` or `past_key_values`) to its attention layers"
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
             site.write_slots, new_keys = _written(kw)
