@@ -3,10 +3,16 @@ the same sequence generated alone (greedy), before and after compactions."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from conftest import tiny_llama
 
 import triattn_compile as tc
+from triattn_compile import api
+from triattn_compile.kernels.compact import compaction_inputs
+from triattn_compile.policies import POLICIES
 
 
 def _greedy(model, ids, n):
@@ -29,3 +35,30 @@ def test_batch_equals_sequences_alone(tmp_path):
         assert diverged.numel() == 0, f"sequence {i} diverges at token {int(diverged[0])}"
     # each sequence chose its own keep set
     assert not torch.equal(cache.slot_pos[:, 0], cache.slot_pos[:, 1])
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_rows_compacted_together_equal_rows_compacted_alone(policy, monkeypatch):
+    """Full rows on the same schedule are compacted in one call (``cache.full_groups()``): every buffer of the
+    cache ends as if each row had been compacted on its own."""
+    model = tiny_llama()
+    tc.optimize(model, budget=32, divide_length=16, compiler="eager", policy=policy)
+    state, real, groups = model._triattn_state, api.compact, []
+
+    def compact_and_check(cache, chosen, inputs, rows, windowed):
+        alone = copy.deepcopy(cache)
+        for row in range(rows.start, rows.stop):
+            real(alone, chosen, compaction_inputs(alone, state, row), row, windowed)
+        real(cache, chosen, inputs, rows, windowed)
+        groups.append(rows.stop - rows.start)
+        for name in ("slot_pos", "attention", "ctrl"):
+            if getattr(cache, name) is not None:
+                assert torch.equal(getattr(cache, name), getattr(alone, name)), name
+        for layer, single in zip(cache.layers, alone.layers):
+            assert torch.equal(layer.keys, single.keys) and torch.equal(layer.values, single.values)
+        assert (cache.fill, cache.row_rounds) == (alone.fill, alone.row_rounds)
+
+    monkeypatch.setattr(api, "compact", compact_and_check)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(7))
+    _greedy(model, ids, 60)
+    assert groups and all(size == 3 for size in groups)

@@ -76,13 +76,13 @@ def test_context_latency_and_serving_rows() -> None:
 
     model = tiny_llama()
     context = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3))
-    rows = context_latency(model, context, [1, 4], ["sdpa", "compiled", "B=132"], steps=8)
+    rows = list(context_latency(model, context, [1, 4], ["sdpa", "compiled", "B=132"], steps=8))
     assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sdpa", "compiled", "B=132")]
     assert all(r["context"] == 600 and r["ms/step"] > 0 for r in rows)
     assert all(r["recompiles"] == 0 for r in rows), rows  # nothing compiles while the steps are timed
     assert rows[0]["step vs sdpa"] == 1.0
     assert not hasattr(model, "_triattn_state")
     per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head_dim, float32
-    served = serving(model, context, 64 * 600 * per_token, [132], steps=8)
+    served = list(serving(model, context, 64 * 600 * per_token, [132], steps=8))
     assert served[0]["method"] == "sdpa" and served[0]["max batch"] == 64
     assert served[1]["max batch"] > 64 * 600 // (132 + 128) // 2  # roughly N / capacity more sequences fit

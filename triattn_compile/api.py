@@ -184,12 +184,13 @@ class TriAttentionState:
         return cache
 
     def after_step(self, cache: CompressedCache, tokens: int) -> None:
-        """Host side of a step: advance the host counters, and compact each full row (no device read)."""
+        """Host side of a step: advance the host counters, and compact the full rows, one call per run of rows on the
+        same schedule (no device read)."""
         cache.record_write(tokens, self.config.protect_prompt)
         if cache.is_full():
             start = time.perf_counter()
-            for row in cache.full_rows():
-                compact(cache, self.policy, compaction_inputs(cache, self, row), row, self.windowed_layers)
+            for rows in cache.full_groups():
+                compact(cache, self.policy, compaction_inputs(cache, self, rows), rows, self.windowed_layers)
             if cache.ctrl.is_cuda:
                 torch.cuda.synchronize(cache.ctrl.device)
             self.compaction_seconds += time.perf_counter() - start

@@ -20,7 +20,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -431,41 +431,40 @@ def _budget(method: str) -> int:
 
 
 def context_latency(model, context: torch.Tensor, batches: list[int], methods: list[str],
-                    steps: int = 128) -> list[dict]:
+                    steps: int = 128) -> Iterator[dict]:
     """Per-step decode latency of every method at each batch size after a context of ``[1, N]`` tokens per
-    sequence (:func:`step_seconds_after`): long contexts at batch sizes whose whole generation is too slow to run."""
-    rows = []
+    sequence (:func:`step_seconds_after`): long contexts at batch sizes whose whole generation is too slow to run.
+    Yields one row per (batch, method) as soon as it is measured."""
     for batch in batches:
         first = None
         for method in methods:
             seconds, recompiles = step_seconds_after(model, context, batch, method, steps)
             first = first or seconds
-            rows.append({"method": method, "batch": batch, "context": context.shape[1],
-                         "ms/step": round(1000 * seconds, 1), "tok/s": round(batch / seconds, 1),
-                         f"step vs {methods[0]}": round(seconds / first, 3), "recompiles": recompiles})
-    return rows
+            yield {"method": method, "batch": batch, "context": context.shape[1],
+                   "ms/step": round(1000 * seconds, 1), "tok/s": round(batch / seconds, 1),
+                   f"step vs {methods[0]}": round(seconds / first, 3), "recompiles": recompiles}
 
 
-def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> list[dict]:
+def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> Iterator[dict]:
     """Table-4-style run: under a KV-memory cap, the largest batch each method fits at the end of a generation of
     ``context`` tokens (``[1, N]``), and its decode throughput there (full attention holds N tokens per sequence;
-    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation)."""
+    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation). Yields one
+    row per method as soon as it is measured, full attention first."""
     cfg = model.config.get_text_config()
     elsize = next(model.parameters()).element_size()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elsize
-    rows = []
-    batch = cap_bytes // (per_slot * context.shape[1])
-    if batch >= 1:
-        step, recompiles = step_seconds_after(model, context, batch, "sdpa", steps)
-        rows.append({"method": "sdpa", "KV per sequence MiB": round(per_slot * context.shape[1] / 2**20, 1),
-                     "max batch": batch, "tok/s": round(batch / step, 1), "recompiles": recompiles})
-    for budget in budgets:
-        per_seq = (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128)  # + slot_pos
+    methods = [("sdpa", per_slot * context.shape[1])]
+    methods += [(f"B={budget}", (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128))
+                for budget in budgets]  # + slot_pos
+    base = None
+    for method, per_seq in methods:
         batch = cap_bytes // per_seq
-        step, recompiles = step_seconds_after(model, context, batch, f"B={budget}", steps)
-        rows.append({"method": f"B={budget}", "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,
-                     "tok/s": round(batch / step, 1), "recompiles": recompiles})
-    for row in rows:
-        row["tok/s vs sdpa"] = round(row["tok/s"] / rows[0]["tok/s"], 2) if rows[0]["method"] == "sdpa" else None
-    return rows
+        if batch < 1 and method == "sdpa":
+            continue  # full attention does not fit one sequence: the ratio column stays empty
+        step, recompiles = step_seconds_after(model, context, batch, method, steps)
+        if method == "sdpa":
+            base = batch / step
+        yield {"method": method, "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,
+               "tok/s": round(batch / step, 1), "recompiles": recompiles,
+               "tok/s vs sdpa": round(batch / step / base, 2) if base else None}

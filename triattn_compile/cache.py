@@ -169,6 +169,21 @@ class CompressedCache(Cache):
         """Rows whose slots are all occupied: they must be compacted before the next step."""
         return [b for b, n in enumerate(self.fill) if n >= self.capacity]
 
+    def full_groups(self) -> list[slice]:
+        """The full rows as runs of adjacent rows that one compaction call can serve: same padding (so the same
+        next position), protected prompt and round (an equal-length batch is one run)."""
+        groups: list[slice] = []
+        for b in self.full_rows():
+            last = groups[-1].stop - 1 if groups else None
+            if last == b - 1 and self._schedule(last) == self._schedule(b):
+                groups[-1] = slice(groups[-1].start, b + 1)
+            else:
+                groups.append(slice(b, b + 1))
+        return groups
+
+    def _schedule(self, row: int) -> tuple[int, int, int]:
+        return self.pads[row], self.prompt[row], self.row_rounds[row]
+
     def is_full(self) -> bool:
         return bool(self.full_rows())
 

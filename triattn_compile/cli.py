@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -104,16 +105,26 @@ def _bench(args: argparse.Namespace) -> dict:
             report.pop("markdown")
         reports[f"batch {batch}"] = report
     if args.contexts:
-        rows = [row for length in args.contexts
-                for row in context_latency(model, text_ids(tokenizer, length).to(device), args.batch, methods)]
+        rows = (row for length in args.contexts
+                for row in context_latency(model, text_ids(tokenizer, length).to(device), args.batch, methods))
         title = "Decode step latency after a given context (128 steps, one compaction round, per method and batch)"
-        reports["contexts"] = _write_table(rows, title, args.out / "contexts.md", command, args.json)
+        reports["contexts"] = _write_rows(rows, title, args.out / "contexts.md", command, args.json)
     if args.serve_cap_mib:
         context = text_ids(tokenizer, args.serve_context).to(device)
         rows = serving(model, context, args.serve_cap_mib * 2**20, args.budgets)
         title = f"Serving under a {args.serve_cap_mib} MiB KV cap, end of a {args.serve_context}-token generation"
-        reports["serving"] = _write_table(rows, title, args.out / "serving.md", command, args.json)
+        reports["serving"] = _write_rows(rows, title, args.out / "serving.md", command, args.json)
     return reports if args.json else {"written to": str(args.out)}
+
+
+def _write_rows(rows: Iterable[dict], title: str, path: Path, command: str, quiet: bool) -> list[dict]:
+    """:func:`_write_table` rewritten after every row, so a run cut short keeps the rows it measured; printed once
+    at the end unless ``quiet``."""
+    done: list[dict] = []
+    for row in rows:
+        done.append(row)
+        _write_table(done, title, path, command, quiet=True)
+    return _write_table(done, title, path, command, quiet)
 
 
 def _write_table(rows: list[dict], title: str, path: Path, command: str, quiet: bool) -> list[dict]:

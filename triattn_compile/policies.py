@@ -47,6 +47,14 @@ class CompactionInputs:
         return torch.arange(n, device=self.keys[0].device) >= self.num_protected
 
 
+def row_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform noise shaped like ``like`` ``[L, B, ...]``, the same for every row ``b`` (what that row draws when
+    compacted alone, so compacting rows together changes nothing)."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    one = torch.rand((like.shape[0], 1, *like.shape[2:]), generator=gen, device=like.device, dtype=like.dtype)
+    return one.expand_as(like)
+
+
 class Policy:
     """Scores occupied slots; higher is kept. Subclasses set the class attributes they need."""
 
@@ -90,8 +98,7 @@ class TriAttention(Policy):
         ])  # [L, B, H, N]
         jitter = None
         if self.noise > 0:
-            gen = torch.Generator(device=raw.device).manual_seed(self.seed + inputs.round)
-            jitter = torch.rand(raw.shape, generator=gen, device=raw.device, dtype=raw.dtype) * self.noise
+            jitter = row_noise(raw, self.seed + inputs.round) * self.noise
         agg = aggregate_scores(raw, inputs.num_kv_heads, inputs.candidates(), per_layer=self.per_layer, noise=jitter)
         return agg if self.per_layer else agg[None]
 
@@ -248,8 +255,7 @@ class RandomPolicy(Policy):
     name: str = "random"
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
-        gen = torch.Generator(device=inputs.positions.device).manual_seed(self.seed + inputs.round)
-        return torch.rand(inputs.positions.shape, generator=gen, device=inputs.positions.device)
+        return row_noise(inputs.positions.float(), self.seed + inputs.round)
 
 
 POLICIES: dict[str, type[Policy]] = {

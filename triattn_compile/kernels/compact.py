@@ -56,18 +56,26 @@ def keep_slots(scores: torch.Tensor, num_protected: int, recent_window: int, bud
 
 
 def gather_slots(buf: torch.Tensor, idx: torch.Tensor) -> None:
-    """In place: ``buf[:, :, :K] = buf.gather(2, idx)`` for ``buf [B, Hkv, C, (D)]``, ``idx [B, Hkv, K]``."""
+    """In place: ``buf[:, :, :K] = buf.gather(2, idx)`` for ``buf [B, Hkv, C, (D)]``, ``idx [B, Hkv, K]``. A 4-D
+    buffer is read as ``B·Hkv·C`` rows of ``D`` elements by ``index_select`` (on CPU about 10x faster than ``gather``
+    with an index expanded over ``D``)."""
     k = idx.shape[-1]
     if buf.dim() == 4:
-        idx = idx[..., None].expand(*idx.shape, buf.shape[-1])
-    buf[:, :, :k].copy_(buf.gather(2, idx))
+        batch, heads, capacity, dim = buf.shape
+        offsets = torch.arange(batch * heads, device=idx.device).view(batch, heads, 1) * capacity
+        kept = buf.reshape(-1, dim).index_select(0, (idx + offsets).reshape(-1)).view(batch, heads, k, dim)
+    else:
+        kept = buf.gather(2, idx)
+    buf[:, :, :k].copy_(kept)
 
 
-def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> CompactionInputs:
-    """What the policy sees for one row (a batch of 1): its occupied slots, its own position and protected prompt,
-    and the statistics of ``state`` (a TriAttentionState), for the layers the policy decides (sliding-window layers
-    keep their most recent tokens instead)."""
-    used, rows = cache.fill[row], slice(row, row + 1)
+def compaction_inputs(cache: CompressedCache, state, rows: int | slice = 0) -> CompactionInputs:
+    """What the policy sees for ``rows`` (one row, or adjacent rows on the same schedule: ``cache.full_groups()``):
+    their occupied slots, position and protected prompt, and the statistics of ``state`` (a TriAttentionState), for
+    the layers the policy decides (sliding-window layers keep their most recent tokens instead)."""
+    rows = _as_rows(rows)
+    first = rows.start
+    used = cache.fill[first]
     layers = [i for i in range(len(cache.layers)) if i not in state.windowed_layers]
     pick = (lambda t: t) if len(layers) == len(cache.layers) else (lambda t: t[layers])
     q_pass = pick(state.stats.q_pass_mean())
@@ -78,9 +86,9 @@ def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> Compaction
     return CompactionInputs(
         keys=[state.scoring_keys(cache, i, rows, used) for i in layers],
         positions=pick(cache.slot_pos)[:, rows, :, :used],
-        next_position=cache.seen - cache.pads[row],
-        num_protected=cache.prompt[row],
-        round=cache.row_rounds[row],
+        next_position=cache.seen - cache.pads[first],
+        num_protected=cache.prompt[first],
+        round=cache.row_rounds[first],
         q_mean=pick(state.stats.q_mean()),
         q_abs=pick(state.stats.q_abs()),
         q_pass=q_pass,
@@ -92,19 +100,23 @@ def compaction_inputs(cache: CompressedCache, state, row: int = 0) -> Compaction
     )
 
 
+def _as_rows(rows: int | slice) -> slice:
+    return slice(rows, rows + 1) if isinstance(rows, int) else rows
+
+
 @torch.no_grad()
-def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, row: int = 0,
+def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, rows: int | slice = 0,
             windowed: list[int] | tuple = ()) -> torch.Tensor | None:
-    """Keep ``cache.budget`` slots per KV head of ``row``, chosen by ``policy`` on ``inputs`` (that row's
+    """Keep ``cache.budget`` slots per KV head of ``rows``, chosen by ``policy`` on ``inputs`` (those rows'
     :func:`compaction_inputs`) in every layer but the sliding-window layers ``windowed``, which keep their most
-    recent ``budget`` tokens; returns the policy's kept slot indices ``[X, 1, Hkv, budget]`` (``None`` if every
+    recent ``budget`` tokens; returns the policy's kept slot indices ``[X, B, Hkv, budget]`` (``None`` if every
     layer is windowed)."""
-    budget, rows = cache.budget, slice(row, row + 1)
+    budget, rows = cache.budget, _as_rows(rows)
     idx = keep_slots(policy.scores(inputs), inputs.num_protected, policy.recent_window, budget) if inputs.keys else None
     scored = [i for i in range(len(cache.layers)) if i not in windowed]
     for i, layer in enumerate(cache.layers):
         if i in windowed:
-            layer_idx = select_keep(cache.slot_pos[i, rows, :, : cache.fill[row]].float(), 0, budget)
+            layer_idx = select_keep(cache.slot_pos[i, rows, :, : cache.fill[rows.start]].float(), 0, budget)
         else:
             layer_idx = idx[scored.index(i) if idx.shape[0] > 1 else 0]
         gather_slots(layer.keys[rows], layer_idx)
@@ -112,10 +124,11 @@ def compact(cache: CompressedCache, policy: Policy, inputs: CompactionInputs, ro
         gather_slots(cache.slot_pos[i, rows], layer_idx)
         if cache.attention is not None:
             gather_slots(cache.attention[i, rows], layer_idx)
-    cache.slot_pos[:, row, :, budget:] = -1
+    cache.slot_pos[:, rows, :, budget:] = -1
     if cache.attention is not None:
-        cache.attention[:, row, :, budget:] = 0
-    cache.ctrl[OCCUPIED, row] = budget  # a device write: no sync
-    cache.fill[row] = budget
-    cache.row_rounds[row] += 1
+        cache.attention[:, rows, :, budget:] = 0
+    cache.ctrl[OCCUPIED, rows] = budget  # a device write: no sync
+    for row in range(*rows.indices(cache.batch)):
+        cache.fill[row] = budget
+        cache.row_rounds[row] += 1
     return idx
