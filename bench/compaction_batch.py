@@ -9,18 +9,16 @@ seconds of each and their ratio (same process, same cache contents), and checks 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
+from script_setup import load, model_parser
 
 import triattn_compile as tc
 from triattn_compile.bench import text_ids
-from triattn_compile.cli import DTYPES
 from triattn_compile.kernels.compact import compact, compaction_inputs
-from triattn_compile.loading import load_model
 
 
 def _timed_compaction(cache, state, groups: list[slice]) -> float:
@@ -34,16 +32,12 @@ def _timed_compaction(cache, state, groups: list[slice]) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = model_parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     tc.optimize(model, budget=args.budget, protect_prompt=False, compiler="eager")

@@ -9,28 +9,23 @@ step's median in each phase. Run on a quiet machine:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from script_setup import load, model_parser
 from transformers import DynamicCache
 
 import triattn_compile as tc
 from triattn_compile.bench import _replica, prompt_ids, text_ids
-from triattn_compile.cli import DTYPES
-from triattn_compile.loading import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = model_parser(__doc__, dtype="bfloat16", threads=2)
     parser.add_argument("--context", type=int, default=7000, help="tokens the long sdpa cache holds")
     parser.add_argument("--steps", type=int, default=200, help="optimized steps per phase")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args)
     opt = tc.optimize(_replica(model), budget=1024)
 
     with torch.no_grad():

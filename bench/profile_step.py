@@ -8,28 +8,21 @@ steps then run at capacity, compaction included when it falls due.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from script_setup import load, model_parser
 from torch.profiler import profile
 
 import triattn_compile as tc
 from triattn_compile.bench import text_ids
-from triattn_compile.cli import DTYPES
-from triattn_compile.loading import load_model
 
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = model_parser(__doc__)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args)
     tc.optimize(model, budget=args.budget, protect_prompt=False)
     out = model(input_ids=text_ids(tokenizer, args.budget + 76), use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
