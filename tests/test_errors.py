@@ -46,6 +46,18 @@ def test_prompt_competes_when_not_protected(llama):
     assert not bool((cache.slot_pos[..., :40] == torch.arange(40)).all())  # some prompt tokens were evicted
 
 
+def test_cache_passed_under_both_names(llama):
+    from transformers import DynamicCache
+
+    tc.optimize(llama, budget=256, compiler="eager")
+    ids = torch.randint(0, 128, (1, 4))
+    with pytest.raises(ValueError) as exc:
+        llama(input_ids=ids, cache=DynamicCache(), past_key_values=DynamicCache())
+    assert "pass it once" in _one_line(exc)
+    llama(input_ids=ids, past_key_values=DynamicCache())  # either name alone is accepted
+    llama(input_ids=torch.randint(0, 128, (1, 4)), cache=DynamicCache())
+
+
 def test_unknown_option(llama):
     with pytest.raises(TypeError):
         tc.optimize(llama, budget=256, bogus=1)

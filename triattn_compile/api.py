@@ -320,6 +320,8 @@ def _compressed_forward(state: TriAttentionState, compiled, *args, **kwargs):
     ref = ids if ids is not None else embeds
     batch, length = ref.shape[:2]
     given = [kwargs.pop(name) for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError("a cache was passed both as `cache` and as `past_key_values`; pass it once")
     cache = given[0] if given else None
     if not isinstance(cache, CompressedCache):
         if cache is not None and cache.get_seq_length() > 0:
