@@ -8,7 +8,7 @@ import statistics
 import torch
 from conftest import tiny_llama
 
-from triattn_compile.bench import Run, run_methods, targets
+from triattn_compile.bench import Run, delayed, lockstep, run_methods, targets
 
 
 def test_lockstep_decodes_equal_sequential_ones() -> None:
@@ -30,6 +30,28 @@ def test_lockstep_decodes_equal_sequential_ones() -> None:
     assert not hasattr(model, "_triattn_state")  # the optimized methods ran on replicas sharing the weights
 
 
+def test_a_twin_decode_ends_in_the_same_cycles_as_its_method() -> None:
+    log = []
+
+    def decode(name: str, steps: int):
+        for step in range(steps):
+            log.append((name, step))
+            yield
+        return Run(name, 1, 0, step_seconds=[0.0] * steps)
+
+    lockstep([decode("main", 10), delayed(decode("twin", 4), 10 - 4)])
+    cycles = [[name for name, _ in log[i:i + 2]] for i in range(0, len(log), 2)]
+    assert [c for c in cycles if c == ["main", "twin"]] == [["main", "twin"]] * 4
+    assert log[-2:] == [("main", 9), ("twin", 3)]  # both take their last step in the last cycle
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    runs = run_methods(model, ids, 300, ["sdpa", "B=132"], progress=False, twins=("B=132",), twin_position=150)
+    assert len(runs) == 2 and not runs[0].twin_step_seconds
+    assert len(runs[1].twin_step_seconds) == 150 - 4  # timed steps up to position ~150
+    assert runs[1].recompiles_after_warmup == 0  # the twin's compilation is not counted in the main decode
+
+
 def _run(method: str, seconds: list[float], kv_bytes: int, prompt: int = 100) -> Run:
     return Run(method, 1, prompt, step_seconds=seconds, peak_kv_bytes=kv_bytes)
 
@@ -48,6 +70,21 @@ def test_targets_read_off_the_runs() -> None:
     failed = [name for name, r in rows.items() if r["met"] == "NO"]
     assert any(name.startswith("short generation") for name in failed)
     assert any(name.startswith("peak KV") for name in failed)
+
+
+def test_flatness_is_timed_against_the_twin_when_there_is_one() -> None:
+    steps = 7900
+    full = _run("sdpa", [0.04 + 0.11 * i / steps for i in range(steps)], 8000)
+    drifting = _run("B=1024", [0.036 * (1 + 0.3 * i / steps) for i in range(steps)], 1150)  # the machine slows down
+    flat = lambda rows: next(r for r in rows if r["target"].startswith("step latency at ~8K /"))
+    assert flat(targets([full, drifting]))["met"] == "NO"  # the same generation: drift passes for growth
+    drifting.twin_step_seconds = drifting.step_seconds[-1100:]  # same cycles, same speed: flat
+    rows = targets([full, drifting])
+    assert flat(rows)["met"] == "yes" and flat(rows)["measured"] == 1.0
+    info = next(r for r in rows if "drift included" in r["target"])
+    assert info["goal"] == "" and info["measured"] > 1.2
+    drifting.twin_step_seconds = [0.030] * 1100  # the step at ~8K really is 36 % slower than at ~1200
+    assert flat(targets([full, drifting]))["met"] == "NO"
 
 
 def test_feeding_a_context_compacts_as_decoding_it_does() -> None:

@@ -74,7 +74,15 @@ def _generate(args: argparse.Namespace) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> dict:
-    from triattn_compile.bench import context_latency, prompt_ids, run_methods, serving, text_ids, write_report
+    from triattn_compile.bench import (
+        context_latency,
+        prompt_ids,
+        run_methods,
+        serving,
+        text_ids,
+        twins_for_targets,
+        write_report,
+    )
     from triattn_compile.loading import load_model
 
     if any(n < 1 for n in args.contexts):
@@ -96,7 +104,9 @@ def _bench(args: argparse.Namespace) -> dict:
         if ids.shape[1] + args.length > model.config.max_position_embeddings:
             raise ValueError(f"prompt + {args.length} tokens exceed the model's context "
                              f"({model.config.max_position_embeddings}); use a smaller --length")
-        runs = run_methods(model, ids, args.length, methods, progress=not args.json, interleave=not args.sequential)
+        twins = twins_for_targets(methods, args.length, batch, interleave=not args.sequential)
+        runs = run_methods(model, ids, args.length, methods, progress=not args.json, interleave=not args.sequential,
+                           twins=twins)
         report = write_report(runs, [n for n in lengths if n <= args.length], args.out, command, args.dtype,
                               interleaved=not args.sequential)
         if not args.json:

@@ -48,6 +48,7 @@ def teacher_force(model, ids: torch.Tensor, compressed: bool, chunk: int = 512, 
     nll, pred = [], []
     cache = None if compressed else DynamicCache()
     state = getattr(model, "_triattn_state", None)
+    keyword = cache_keyword(model.forward)
     pos = 0
     while pos < n:
         if compressed:
@@ -56,7 +57,7 @@ def teacher_force(model, ids: torch.Tensor, compressed: bool, chunk: int = 512, 
         else:
             step = min(chunk, n - pos)
         piece = ids[pos : pos + step][None]
-        kwargs = {cache_keyword(model.forward): cache} if cache is not None else {}
+        kwargs = {keyword: cache} if cache is not None else {}
         out = model(input_ids=piece, use_cache=True, **kwargs)
         if compressed:
             cache = tc.current_cache(model)
