@@ -34,16 +34,17 @@ def main() -> None:
     tc.optimize(model, budget=args.budget, protect_prompt=False)
     out = model(input_ids=text_ids(tokenizer, args.budget + 76), use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    step = lambda t: model(input_ids=t, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
     for _ in range(3):  # compile the decode graph and warm up
-        token = model(input_ids=token, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
+        token = step(token)
     with profile() as prof:
         for _ in range(args.steps):
-            token = model(input_ids=token, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
+            token = step(token)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     seconds = []
     for _ in range(40):
         start = time.perf_counter()
-        token = model(input_ids=token, past_key_values=tc.current_cache(model), use_cache=True).logits.argmax(-1)
+        token = step(token)
         seconds.append(time.perf_counter() - start)
     print(f"{args.dtype}, freezing={args.freezing}: median step {1e3 * statistics.median(seconds):.1f} ms over 40, "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
