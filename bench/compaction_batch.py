@@ -18,13 +18,12 @@ from script_setup import load, model_parser
 
 import triattn_compile as tc
 from triattn_compile.bench import text_ids
-from triattn_compile.kernels.compact import compact, compaction_inputs
 
 
-def _timed_compaction(cache, state, groups: list[slice]) -> float:
+def _timed_compaction(cache, compressor: tc.Compressor, groups: list[slice]) -> float:
     start = time.perf_counter()
     for rows in groups:
-        compact(cache, state.policy, compaction_inputs(cache, state, rows), rows, state.windowed_layers)
+        compressor.compact(cache, rows)
     if cache.ctrl.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -41,7 +40,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     tc.optimize(model, budget=args.budget, protect_prompt=False, compiler="eager")
-    state = model._triattn_state
+    state = tc.inspect(model)
     model(input_ids=text_ids(tokenizer, args.budget + 127).to(device), use_cache=True)  # one slot short of full
     full = tc.current_cache(model)
     full.repeat_rows(args.batch)

@@ -10,8 +10,7 @@ import torch
 from conftest import tiny_llama
 
 import triattn_compile as tc
-from triattn_compile import api
-from triattn_compile.kernels.compact import compaction_inputs
+from triattn_compile import schedule
 from triattn_compile.policies import POLICIES
 
 
@@ -43,13 +42,13 @@ def test_rows_compacted_together_equal_rows_compacted_alone(policy, monkeypatch)
     cache ends as if each row had been compacted on its own."""
     model = tiny_llama()
     tc.optimize(model, budget=32, divide_length=16, compiler="eager", policy=policy)
-    state, real, groups = model._triattn_state, api.compact, []
+    real, groups = schedule.Compressor.compact, []
 
-    def compact_and_check(cache, chosen, inputs, rows, windowed):
+    def compact_and_check(self, cache, rows):
         alone = copy.deepcopy(cache)
         for row in range(rows.start, rows.stop):
-            real(alone, chosen, compaction_inputs(alone, state, row), row, windowed)
-        real(cache, chosen, inputs, rows, windowed)
+            real(self, alone, row)
+        real(self, cache, rows)
         groups.append(rows.stop - rows.start)
         for name in ("slot_pos", "attention", "ctrl"):
             if getattr(cache, name) is not None:
@@ -58,7 +57,7 @@ def test_rows_compacted_together_equal_rows_compacted_alone(policy, monkeypatch)
             assert torch.equal(layer.keys, single.keys) and torch.equal(layer.values, single.values)
         assert (cache.fill, cache.row_rounds) == (alone.fill, alone.row_rounds)
 
-    monkeypatch.setattr(api, "compact", compact_and_check)
+    monkeypatch.setattr(schedule.Compressor, "compact", compact_and_check)
     ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(7))
     _greedy(model, ids, 60)
     assert groups and all(size == 3 for size in groups)

@@ -4,33 +4,52 @@ only their own recompiles, and the issue-6 targets are read off the runs correct
 from __future__ import annotations
 
 import statistics
+import sys
 
+import pytest
 import torch
 from conftest import tiny_llama
 
+import triattn_compile as tc
 from triattn_compile.bench import Run, delayed, lockstep, run_methods, targets
 
+# the optimized methods compact every DIVIDE steps (optimize's divide_length; 128 by default), so that runs of a few
+# dozen steps on the tiny model see several compactions: budget 16 + 8 slots, a compaction every 8 tokens past 24
+DIVIDE, BUDGET = 8, 16
+OPT = f"B={BUDGET}"
+STEPS = 40  # 4 prompt + 39 decoded tokens: compactions at 24, 32 and 40 tokens
+TWIN_POSITION = 20
 
-def test_lockstep_decodes_equal_sequential_ones() -> None:
+
+@pytest.fixture(scope="module")
+def interleaved() -> tuple[torch.nn.Module, torch.Tensor, list[Run]]:
+    """The tiny model, its prompt and one interleaved run of every method, ``OPT`` with a twin decode up to
+    ``TWIN_POSITION`` (compiling is most of these tests' time: the twin test reads the same run)."""
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
-    steps = 400
-    together = run_methods(model, ids, steps, ["sdpa", "compiled", "B=132"], progress=False, interleave=True)
-    alone = run_methods(model, ids, steps, ["sdpa", "B=132"], progress=False, interleave=False)
+    runs = run_methods(model, ids, STEPS, ["sdpa", "compiled", OPT], progress=False, interleave=True, twins=(OPT,),
+                       twin_position=TWIN_POSITION, divide_length=DIVIDE)
+    return model, ids, runs
+
+
+def test_lockstep_decodes_equal_sequential_ones(interleaved) -> None:
+    model, ids, together = interleaved
+    steps = STEPS
+    alone = run_methods(model, ids, steps, ["sdpa", OPT], progress=False, interleave=False, divide_length=DIVIDE)
     by_method = {r.method: r for r in together}
     for run in alone:
         assert by_method[run.method].tokens == run.tokens, run.method
     for run in together:
         assert len(run.step_seconds) == steps - 3
         assert run.recompiles_after_warmup == 0, run.method  # the others' compilations are not counted as its own
-    compressed, full = by_method["B=132"], by_method["sdpa"]
+    compressed, full = by_method[OPT], by_method["sdpa"]
     assert compressed.compactions >= 2
     assert compressed.compaction_seconds > 0 and 0 < compressed.compaction_share(steps - 3) < 1
     assert compressed.peak_kv_bytes < full.peak_kv_bytes
-    assert not hasattr(model, "_triattn_state")  # the optimized methods ran on replicas sharing the weights
+    assert not tc.is_optimized(model)  # the optimized methods ran on replicas sharing the weights
 
 
-def test_a_twin_decode_ends_in_the_same_cycles_as_its_method() -> None:
+def test_a_twin_decode_ends_in_the_same_cycles_as_its_method(interleaved) -> None:
     log = []
 
     def decode(name: str, steps: int):
@@ -44,12 +63,10 @@ def test_a_twin_decode_ends_in_the_same_cycles_as_its_method() -> None:
     assert [c for c in cycles if c == ["main", "twin"]] == [["main", "twin"]] * 4
     assert log[-2:] == [("main", 9), ("twin", 3)]  # both take their last step in the last cycle
 
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
-    runs = run_methods(model, ids, 300, ["sdpa", "B=132"], progress=False, twins=("B=132",), twin_position=150)
-    assert len(runs) == 2 and not runs[0].twin_step_seconds
-    assert len(runs[1].twin_step_seconds) == 150 - 4  # timed steps up to position ~150
-    assert runs[1].recompiles_after_warmup == 0  # the twin's compilation is not counted in the main decode
+    _, _, runs = interleaved  # sdpa, compiled, OPT with a twin
+    assert len(runs) == 3 and not runs[0].twin_step_seconds and not runs[1].twin_step_seconds
+    assert len(runs[2].twin_step_seconds) == TWIN_POSITION - 4  # timed steps up to position ~TWIN_POSITION
+    assert runs[2].recompiles_after_warmup == 0  # the twin's compilation is not counted in the main decode
 
 
 def _run(method: str, seconds: list[float], kv_bytes: int, prompt: int = 100) -> Run:
@@ -94,15 +111,16 @@ def test_feeding_a_context_compacts_as_decoding_it_does() -> None:
     from triattn_compile.bench import _feed
 
     model = tiny_llama()
-    context = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))
-    chunked = _feed(tc.optimize(model, budget=132, protect_prompt=False), context)
+    context = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(2))
+    options = dict(budget=BUDGET, divide_length=DIVIDE, protect_prompt=False)
+    chunked = _feed(tc.optimize(model, **options), context)  # chunks of 24, 8, 8, 8, 8 and 4 tokens
     tc.restore(model)
-    one_by_one = _feed(tc.optimize(model, budget=132, protect_prompt=False), context[:, :1])
+    one_by_one = _feed(tc.optimize(model, **options), context[:, :1])
     optimized = model
     for t in range(1, context.shape[1]):
         one_by_one = optimized(input_ids=context[:, t:t + 1], past_key_values=one_by_one,
                                use_cache=True).past_key_values
-    assert chunked.tokens_seen() == one_by_one.tokens_seen() == 700
+    assert chunked.tokens_seen() == one_by_one.tokens_seen() == 60
     assert chunked.compactions() == one_by_one.compactions() >= 2
     kept = lambda cache: cache.slot_pos.sort(-1).values
     assert torch.equal(kept(chunked), kept(one_by_one))
@@ -112,14 +130,29 @@ def test_context_latency_and_serving_rows() -> None:
     from triattn_compile.bench import context_latency, serving
 
     model = tiny_llama()
-    context = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3))
-    rows = list(context_latency(model, context, [1, 4], ["sdpa", "compiled", "B=132"], steps=8))
-    assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sdpa", "compiled", "B=132")]
-    assert all(r["context"] == 600 and r["ms/step"] > 0 for r in rows)
+    context = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(3))
+    # 8 timed steps after 2 warm-up ones: the optimized method compacts while it is timed
+    rows = list(context_latency(model, context, [1, 4], ["sdpa", "compiled", OPT], steps=8, divide_length=DIVIDE))
+    assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sdpa", "compiled", OPT)]
+    assert all(r["context"] == 60 and r["ms/step"] > 0 for r in rows)
     assert all(r["recompiles"] == 0 for r in rows), rows  # nothing compiles while the steps are timed
     assert rows[0]["step vs sdpa"] == 1.0
-    assert not hasattr(model, "_triattn_state")
+    assert not tc.is_optimized(model)
     per_token = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads, head_dim, float32
-    served = list(serving(model, context, 64 * 600 * per_token, [132], steps=8))
-    assert served[0]["method"] == "sdpa" and served[0]["max batch"] == 64
-    assert served[1]["max batch"] > 64 * 600 // (132 + 128) // 2  # roughly N / capacity more sequences fit
+    # a cap of 2 full-attention sequences; the optimized method fits 4 (the batch above: Inductor's cache holds its
+    # decode graph)
+    served = list(serving(model, context, 2 * 60 * per_token, [BUDGET], steps=8, divide_length=DIVIDE))
+    assert served[0]["method"] == "sdpa" and served[0]["max batch"] == 2
+    assert served[1]["max batch"] > 2 * 60 // (BUDGET + DIVIDE) // 2  # roughly N / capacity more sequences fit
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_without_the_bench_extra_bench_and_eval_say_what_to_install(command, capsys, monkeypatch):
+    from triattn_compile.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec finds nothing
+    code = main([command, "--model", "/nonexistent"])  # checked before the model is loaded
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"triattn {command}: error: matplotlib is not installed")
+    assert 'pip install "triattn_compile[bench]"' in err

@@ -21,7 +21,7 @@ def stats_file(tmp_path):
 
 
 def _signature(model) -> tc.RotarySignature:
-    return tc.optimize(model, budget=256, compiler="eager")._triattn_state.signature
+    return tc.inspect(tc.optimize(model, budget=256, compiler="eager")).layout.signature
 
 
 def test_roundtrip_and_metadata(stats_file):

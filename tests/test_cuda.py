@@ -28,4 +28,4 @@ def test_generate_past_compactions_on_cuda(tmp_path, offline: bool) -> None:
     assert out.shape == (2, 404)
     assert cache.compactions() >= 2
     assert max(cache.occupancy()) <= 132 + 128
-    assert cache.slot_pos.is_cuda and model._triattn_state.stats.sum_re.is_cuda
+    assert cache.slot_pos.is_cuda and tc.query_stats(model).sum_re.is_cuda

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import triattn_compile as tc
-from triattn_compile.kernels.compact import compaction_inputs
 from triattn_compile.kernels.scoring.naive import (
     aggregate_scores,
     from_complex_pairs,
@@ -20,6 +19,7 @@ from triattn_compile.kernels.scoring.naive import (
     to_complex_pairs,
 )
 from triattn_compile.policies import TriAttention
+from triattn_compile.schedule import compaction_inputs
 
 sys.path.insert(0, str(Path(__file__).parent / "passes"))
 from test_families import FAMILIES, build  # noqa: E402
@@ -41,11 +41,11 @@ def mla():
 
 def test_latent_projection_is_the_key_up_projection(mla):
     """The matrix read off the graph by probing equals the k_nope rows of each layer's ``kv_b_proj``."""
-    state = mla._triattn_state
-    assert state.signature.num_kv_heads == 1 and state.rotary_start == NOPE and state.key_pairing == "half"
+    layout = tc.inspect(mla).layout
+    assert layout.num_kv_heads == 1 and layout.rotary.rotary_start == NOPE and layout.rotary.key_pairing == "half"
     for i, layer in enumerate(mla.model.layers):
         w = layer.self_attn.kv_b_proj.weight.detach().double().view(H, -1, RANK)[:, :NOPE]  # [H, NOPE, R]
-        torch.testing.assert_close(state.latent_maps[i], w.transpose(1, 2))
+        torch.testing.assert_close(layout.latent_maps[i], w.transpose(1, 2))
 
 
 def test_statistics_are_the_hooked_pre_rope_queries():
@@ -69,23 +69,24 @@ def test_latent_scores_equal_the_expanded_reference(mla):
     """TriAttention on ``[k_pe ; c_kv]`` with the folded centre ``W_UKᵀ q̄_nope`` = the paper's pre-RoPE score of
     each head's full key ``[k_nope,h ; k_pe]`` (inverted RoPE, 17 offsets, plus ``q̄_nope · k_nope,h``), aggregated
     over all heads; without the pass-through term the scores differ."""
-    state, cache = mla._triattn_state, tc.current_cache(mla)
-    inputs = compaction_inputs(cache, state)
+    compressor, cache = tc.inspect(mla), tc.current_cache(mla)
+    inputs = compaction_inputs(cache, compressor)
+    stats, layout = compressor.stats, compressor.layout
     policy = TriAttention(noise=0.0)
     got = policy.scores(inputs)[0, 0, 0]  # one KV head: every query head shares the latent
-    n, sig = cache.fill[0], state.signature
+    n, sig = cache.fill[0], layout.signature
     positions = cache.slot_pos[:, 0, 0, :n]
     raw = []
     for i, layer in enumerate(mla.model.layers):
         c = cache.layers[i].keys[0, 0, :n]  # [N, R] latent
         k_nope = layer.self_attn.kv_b_proj(c).view(n, H, -1)[..., :NOPE].transpose(0, 1)  # [H, N, NOPE]
-        k_pe = invert_rope(cache.layers[i].values[:, :, :n], positions[i], state.omega[i], "half")  # [1, 1, N, 8]
+        k_pe = invert_rope(cache.layers[i].values[:, :, :n], positions[i], layout.omega[i], "half")  # [1, 1, N, 8]
         k_pe = from_complex_pairs(to_complex_pairs(k_pe, "half"), "interleaved").expand(1, H, n, ROPE)
         keys_pre = torch.cat([k_pe, k_nope[None].to(k_pe.dtype)], -1)  # [1, H, N, 24]: stats layout
         raw.append(naive_score_prerope(
-            keys_pre, positions[i].expand(1, H, n), inputs.next_position, state.stats.q_mean()[i],
-            state.stats.q_abs()[i], state.omega[i], sig.pairing, geometric_offsets(), sig.attention_scaling,
-            q_pass=state.stats.q_pass_mean()[i],
+            keys_pre, positions[i].expand(1, H, n), inputs.next_position, stats.q_mean()[i],
+            stats.q_abs()[i], layout.omega[i], sig.pairing, geometric_offsets(), sig.attention_scaling,
+            q_pass=stats.q_pass_mean()[i],
         ))
     want = aggregate_scores(torch.stack(raw), 1, inputs.candidates())[0, 0]
     cand = inputs.candidates()

@@ -7,8 +7,7 @@ import torch
 from independent_reference import independent_keep_sets
 
 import triattn_compile as tc
-import triattn_compile.api as api
-import triattn_compile.kernels.compact as compact
+from triattn_compile import schedule
 from triattn_compile.loading import chat_ids, load_model
 
 PROMPT = (
@@ -67,19 +66,20 @@ def test_keep_sets_on_real_keys_equal_independent_oracle(smollm2, monkeypatch):
     model, ids = smollm2
     seen = []
 
-    original = compact.compact
+    original = schedule.Compressor.compact
 
-    def spy_compact(cache, policy, inputs, *args):
+    def spy_compact(self, cache, rows=0):
+        inputs = schedule.compaction_inputs(cache, self, rows)
         keys = [k.clone() for k in inputs.keys]  # compact() overwrites the slots in place
-        idx = original(cache, policy, inputs, *args)
+        idx = original(self, cache, rows)
         seen.append((keys, inputs, idx.clone()))
         return idx
 
-    monkeypatch.setattr(api, "compact", spy_compact)
+    monkeypatch.setattr(schedule.Compressor, "compact", spy_compact)
     tc.optimize(model, budget=256, compiler="eager")
     try:
         _greedy(model, ids, 384 - ids.shape[1] + 2)
-        scale = model._triattn_state.signature.attention_scaling
+        scale = tc.inspect(model).layout.attention_scaling
     finally:
         tc.restore(model)
         torch._dynamo.reset()

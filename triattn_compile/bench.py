@@ -28,8 +28,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from triattn_compile.cache import cache_keyword, returned_cache
+from triattn_compile.config import TriAttentionConfig
 
 RSS_SAMPLE_EVERY = 64
+DIVIDE_LENGTH = TriAttentionConfig.divide_length  # optimize()'s compaction period unless a caller passes another
 
 
 @dataclass
@@ -179,7 +181,8 @@ def prompt_ids(tokenizer, batch: int, text_tokens: int = 64) -> torch.Tensor:
 
 
 def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progress: bool = True,
-                interleave: bool = True, twins: tuple[str, ...] = (), twin_position: int = 1200) -> list[Run]:
+                interleave: bool = True, twins: tuple[str, ...] = (), twin_position: int = 1200,
+                divide_length: int = DIVIDE_LENGTH) -> list[Run]:
     """Decode with each method on the same weights. ``interleave``: all methods advance together, one step each in
     turn (:func:`lockstep`), so their ratios do not depend on when each ran; the peak RSS is then the process's.
     Otherwise one method after the other, Dynamo reset in between (each method's own peak RSS).
@@ -187,7 +190,10 @@ def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progre
     ``twins`` (interleaved only): methods that also get a second decode up to ``twin_position``, started late so
     that it ends with the first (:attr:`Run.twin_step_seconds`): the step at the end of a long generation and the
     step at ``twin_position`` are then timed in the same cycles, so a slow drift of the machine cannot pass for a
-    latency that grows with the position."""
+    latency that grows with the position.
+
+    ``divide_length``: the compaction period of the ``B=<budget>`` methods (``optimize(..., divide_length=)``); a
+    short one lets a short run see several compactions (tests)."""
     from transformers import DynamicCache
 
     import triattn_compile as tc
@@ -216,8 +222,8 @@ def run_methods(model, ids: torch.Tensor, steps: int, methods: list[str], progre
             return decode_steps(model.forward, full_cache, ids, steps, method, on_step), lambda run: None
         if method == "compiled":
             return decode_steps(torch.compile(model.forward), full_cache, ids, steps, method, on_step), lambda r: None
-        replica = tc.optimize(_replica(model), budget=_budget(method))
-        state = replica._triattn_state
+        replica = tc.optimize(_replica(model), budget=_budget(method), divide_length=divide_length)
+        state = tc.inspect(replica)
 
         def finish(run: Run) -> None:
             cache = tc.current_cache(replica)
@@ -301,7 +307,7 @@ def twins_for_targets(methods: list[str], steps: int, batch: int, interleave: bo
     return (wanted,) if wanted in methods and steps >= TARGET_STEPS and batch == 1 and interleave else ()
 
 
-def targets(runs: list[Run], budget: int = TARGET_BUDGET, divide_length: int = 128) -> list[dict]:
+def targets(runs: list[Run], budget: int = TARGET_BUDGET, divide_length: int = DIVIDE_LENGTH) -> list[dict]:
     """Issue 6's targets that the runs allow: the 8K ones need ``sdpa`` and ``B=budget`` over >= 7,000 steps, the
     short-generation one needs ``compiled`` and ``B=budget``."""
     by = {r.method: r for r in runs}
@@ -419,7 +425,9 @@ def _replicate(cache, batch: int) -> None:
 def _feed(model, context: torch.Tensor, cache=None, chunk: int = 1024):
     """The cache after feeding ``context`` ``[1, N]`` to ``model`` in chunks. An optimized model gets at most the
     free slots per call, so it compacts as in a generation of N tokens (its first call creates its cache)."""
-    state = getattr(model, "_triattn_state", None)
+    import triattn_compile as tc
+
+    state = tc.inspect(model) if tc.is_optimized(model) else None
     fed, keyword = 0, cache_keyword(model.forward)
     while fed < context.shape[1]:
         if state is not None:
@@ -447,10 +455,11 @@ def _steady_decode(forward, cache, token: torch.Tensor, steps: int) -> tuple[flo
 
 
 def step_seconds_after(model, context: torch.Tensor, batch: int, method: str,
-                       steps: int = 128) -> tuple[float, int]:
+                       steps: int = 128, divide_length: int = DIVIDE_LENGTH) -> tuple[float, int]:
     """Seconds per decode step, and graphs compiled while timing, of ``method`` (``sdpa``, ``compiled`` or
     ``B=<budget>``) for ``batch`` sequences that each hold the context ``[1, N]``: the state at position N of a long
-    generation, without decoding N steps. 128 steps span one compaction round of an optimized model."""
+    generation, without decoding N steps. The default 128 steps span one compaction round of an optimized model
+    (one per ``divide_length`` steps, 128 by default)."""
     from transformers import DynamicCache
 
     import triattn_compile as tc
@@ -465,7 +474,7 @@ def step_seconds_after(model, context: torch.Tensor, batch: int, method: str,
         finally:
             torch._dynamo.reset()
     budget = _budget(method)
-    optimized = tc.optimize(_replica(model), budget=budget, protect_prompt=False)
+    optimized = tc.optimize(_replica(model), budget=budget, protect_prompt=False, divide_length=divide_length)
     try:
         cache = _feed(optimized, context)
         _replicate(cache, batch)
@@ -482,38 +491,40 @@ def _budget(method: str) -> int:
 
 
 def context_latency(model, context: torch.Tensor, batches: list[int], methods: list[str],
-                    steps: int = 128) -> Iterator[dict]:
+                    steps: int = 128, divide_length: int = DIVIDE_LENGTH) -> Iterator[dict]:
     """Per-step decode latency of every method at each batch size after a context of ``[1, N]`` tokens per
     sequence (:func:`step_seconds_after`): long contexts at batch sizes whose whole generation is too slow to run.
     Yields one row per (batch, method) as soon as it is measured."""
     for batch in batches:
         first = None
         for method in methods:
-            seconds, recompiles = step_seconds_after(model, context, batch, method, steps)
+            seconds, recompiles = step_seconds_after(model, context, batch, method, steps, divide_length)
             first = first or seconds
             yield {"method": method, "batch": batch, "context": context.shape[1],
                    "ms/step": round(1000 * seconds, 1), "tok/s": round(batch / seconds, 1),
                    f"step vs {methods[0]}": round(seconds / first, 3), "recompiles": recompiles}
 
 
-def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128) -> Iterator[dict]:
+def serving(model, context: torch.Tensor, cap_bytes: int, budgets: list[int], steps: int = 128,
+            divide_length: int = DIVIDE_LENGTH) -> Iterator[dict]:
     """Table-4-style run: under a KV-memory cap, the largest batch each method fits at the end of a generation of
     ``context`` tokens (``[1, N]``), and its decode throughput there (full attention holds N tokens per sequence;
-    TriAttention holds budget + 128 slots and compacts once per 128 steps, as in a long generation). Yields one
-    row per method as soon as it is measured, full attention first."""
+    TriAttention holds budget + ``divide_length`` slots and compacts once per ``divide_length`` steps, as in a long
+    generation). Yields one row per method as soon as it is measured, full attention first."""
     cfg = model.config.get_text_config()
     elsize = next(model.parameters()).element_size()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elsize
     methods = [("sdpa", per_slot * context.shape[1])]
-    methods += [(f"B={budget}", (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + 128))
+    methods += [(f"B={budget}",
+                 (per_slot + 8 * cfg.num_hidden_layers * cfg.num_key_value_heads) * (budget + divide_length))
                 for budget in budgets]  # + slot_pos
     base = None
     for method, per_seq in methods:
         batch = cap_bytes // per_seq
         if batch < 1 and method == "sdpa":
             continue  # full attention does not fit one sequence: the ratio column stays empty
-        step, recompiles = step_seconds_after(model, context, batch, method, steps)
+        step, recompiles = step_seconds_after(model, context, batch, method, steps, divide_length)
         if method == "sdpa":
             base = batch / step
         yield {"method": method, "KV per sequence MiB": round(per_seq / 2**20, 1), "max batch": batch,

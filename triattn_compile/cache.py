@@ -95,19 +95,21 @@ class CompressedCache(Cache):
     """A transformers cache of fixed capacity whose contents TriAttention compacts in place.
 
     Args:
-        num_layers: attention layers of the model.
+        num_layers: attention layers of the model (``None``: as many as the model writes to, for discovery).
         budget: tokens kept per KV head after a compaction (B).
         divide_length: decode steps between compactions; capacity is ``budget + divide_length``.
         batch: rows (sequences); each has its own write pointer, positions and compaction schedule.
     """
 
-    def __init__(self, num_layers: int, budget: int, divide_length: int = 128, device: torch.device | str = "cpu",
-                 batch: int = 1):
+    def __init__(self, num_layers: int | None, budget: int, divide_length: int = 128,
+                 device: torch.device | str = "cpu", batch: int = 1):
         self.budget = budget
         self.capacity = budget + divide_length
         self.batch = batch
         self.ctrl = torch.zeros(3, batch, dtype=torch.int64, device=device)
-        super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl) for _ in range(num_layers)])
+        super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl) for _ in range(num_layers or 1)])
+        if num_layers is None:  # discovery's probe: a layer for every layer index the model writes
+            self.layer_class_to_replicate = lambda: CompressedLayer(self.capacity, self.ctrl)
         self.slot_pos: torch.Tensor | None = None
         self.queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries, when a policy asks
         self.attention: torch.Tensor | None = None  # [L, B, Hkv, C] accumulated attention, when a policy asks

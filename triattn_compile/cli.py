@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -15,6 +16,18 @@ import torch
 from triattn_compile.evaluation import add_eval_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what `triattn bench` and `triattn eval` need beyond optimize() (the `bench` extra of pyproject.toml): their tables
+# and plots, imported where they are written
+BENCH_EXTRA = ("matplotlib", "tabulate")
+
+
+def _require_bench_extra(command: str) -> None:
+    """A one-line error before any work when the ``bench`` extra is missing (the tables come at the end of a run)."""
+    missing = [name for name in BENCH_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ValueError(f"{' and '.join(missing)} {verb} not installed (`triattn {command}` writes tables and plots "
+                         'with them): pip install "triattn_compile[bench]"')
 
 
 def _calibrate(args: argparse.Namespace) -> dict:
@@ -213,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("bench", "eval"):
+            _require_bench_extra(args.command)
         result = args.run(args)
     except ValueError as exc:  # our errors are one line and say what to do
         print(f"triattn {args.command}: error: {exc}", file=sys.stderr)

@@ -86,7 +86,7 @@ def run_one(name: str) -> dict:
     cache = tc.current_cache(model)
     bounded = cache.peak_occupancy() == 64 and cache.compactions() >= 1
     outcome = "exact" if same and bounded else "diverged" if not same else "unbounded"
-    return {"outcome": outcome, "detail": model._triattn_state.forms}
+    return {"outcome": outcome, "detail": tc.inspect(model).layout.describe()}
 
 
 def main() -> int:

@@ -137,20 +137,14 @@ def test_family(name):
     assert torch.equal(_greedy(model, ids, EXACT), ref)
     long = _greedy(model, ids, LONG)
     _check_bounded(tc.current_cache(model), PROMPT + LONG - 1)
-    state, cache = model._triattn_state, tc.current_cache(model)
-    for layer in state.windowed_layers:  # a window layer holds its whole window after compactions
-        window = range(cache.tokens_seen() - state.windows[layer], cache.tokens_seen())
+    layout, cache = tc.inspect(model).layout, tc.current_cache(model)
+    for layer in layout.windowed_layers:  # a window layer holds its whole window after compactions
+        window = range(cache.tokens_seen() - layout.windows[layer], cache.tokens_seen())
         assert set(window) <= set(cache.slot_pos[layer, 0, 0].tolist())
-    OBSERVED[name] = _describe(state)
+    OBSERVED[name] = layout.describe()
     if family.exact_long:
         tc.restore(model)
         assert torch.equal(long, _greedy(model, ids, LONG))
-
-
-def _describe(state) -> str:
-    sig = state.signature
-    return (f"{state.forms}; {sig.pairing} pairs, rotary {sig.rotary_dim} of {sig.head_dim} dims, "
-            f"{sig.num_heads} heads / {sig.num_kv_heads} KV")
 
 
 def _gptfast_greedy(step, ids, n):
@@ -188,12 +182,12 @@ def _check_gptfast(wrapped, ids, ref) -> None:
 def test_plain_pytorch_gptfast_decoder():
     """Own modules, own KV cache, complex freqs_cis (view_as_complex), repeat_interleave GQA; through the adapter."""
     model, ids, ref, wrapped = _optimized_gptfast(ModelArgs())
-    state = wrapped._triattn_state
-    assert (state.signature.pairing, state.signature.rotary_dim) == ("interleaved", 16)
+    layout = tc.inspect(wrapped).layout
+    assert (layout.rotary.pairing, layout.rotary.rotary_dim) == ("interleaved", 16)
     omega = model.freqs_cis[1].angle().double()  # row 1 of e^{iωt}
-    torch.testing.assert_close(state.omega, omega.expand(2, -1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layout.omega, omega.expand(2, -1), rtol=1e-6, atol=1e-7)
     _check_gptfast(wrapped, ids, ref)
-    OBSERVED[GPTFAST] = _describe(state)
+    OBSERVED[GPTFAST] = layout.describe()
 
 
 GPTFAST = "gpt-fast-style plain PyTorch (tests/passes/gptfast.py)"
@@ -206,13 +200,14 @@ GPTFAST_MLA_FEATURES = "MLA written plainly: slices, torch.cat key, trailing com
 def test_plain_pytorch_latent_attention_decoder():
     """MLA without transformers: the key assembled with ``torch.cat``, the latent up-projection read off the graph."""
     model, ids, ref, wrapped = _optimized_gptfast(ModelArgs(latent_rank=24))
-    state = wrapped._triattn_state
-    assert (state.signature.num_kv_heads, state.rotary_start, state.kv_dims[0]) == (1, 16, (24, 16))
+    layout = tc.inspect(wrapped).layout
+    first = layout.layers[0]
+    assert (layout.num_kv_heads, first.rotary_start, (first.key_dim, first.value_dim)) == (1, 16, (24, 16))
     for i, block in enumerate(model.layers):  # W_UK: wk_b's weight, per head [R, nope]
         w = block.attention.wk_b.weight.double().view(4, 16, 24).transpose(1, 2)
-        torch.testing.assert_close(state.latent_maps[i], w)
+        torch.testing.assert_close(layout.latent_maps[i], w)
     _check_gptfast(wrapped, ids, ref)
-    OBSERVED[GPTFAST_MLA] = _describe(state)
+    OBSERVED[GPTFAST_MLA] = layout.describe()
 
 
 def test_families_table_is_current():

@@ -4,6 +4,7 @@ pass-through means exactly as an independent hook sees them."""
 
 from __future__ import annotations
 
+import gptfast
 import pytest
 import torch
 import transformers as T
@@ -17,6 +18,8 @@ from triattn_compile.kernels.scoring.naive import (
     score_pass_through,
     score_postrope,
 )
+from triattn_compile.passes.frequencies import rotary_frequencies
+from triattn_compile.passes.match import find_attention_sites
 from triattn_compile.passes.rotary import match_rotary
 
 
@@ -35,6 +38,8 @@ def _matches(fn):
     x, cos, sin = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
     graph = _graph_of(fn, x, cos, sin)
     output = next(n for n in graph.nodes if n.op == "output").args[0][0]
+    while output.op == "call_method" and output.target in ("type_as", "float", "to"):
+        output = output.args[0]  # the pass walks back through trailing casts too
     return match_rotary(output)
 
 
@@ -62,6 +67,31 @@ def _trailing_split(x, c, s):  # MLA: q_nope, q_pe = split(q, [4, 4]); cat(q_nop
     return torch.cat((nope, _deinterleave(pe, c, s)), dim=-1)
 
 
+def _gptfast_rope(x, freqs_cis):  # upstream gpt-fast / torchtune: x [B, S, H, D], freqs_cis [S, D/2, 2] (cos, sin)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    table = freqs_cis.view(-1, pairs.size(1), 1, pairs.size(3), 2)
+    out = torch.stack((pairs[..., 0] * table[..., 0] - pairs[..., 1] * table[..., 1],
+                       pairs[..., 1] * table[..., 0] + pairs[..., 0] * table[..., 1]), -1)
+    return out.flatten(3).type_as(x)
+
+
+def _pair_table(c, s, bands):  # [S, F, 2] (cos, sin) from the [1, 1, S, D] test inputs (S = 3 here, x's S = 2)
+    return torch.stack((c[0, 0, :2, :bands], s[0, 0, :2, :bands]), -1)
+
+
+def _real_pairs(fn, bands=4):  # fn(p0, p1, cos, sin) -> (real, imag): the members of the pairs written out
+    def rope(x, c, s):
+        pairs, table = x.reshape(*x.shape[:-1], -1, 2), torch.stack((c[..., :bands], s[..., :bands]), -1)
+        return torch.stack(fn(pairs[..., 0], pairs[..., 1], table[..., 0], table[..., 1]), -1).flatten(-2)
+    return rope
+
+
+def _unbound_pairs(x, c, s):  # operands commuted, members taken with unbind
+    x0, x1 = x.reshape(*x.shape[:-1], 4, 2).unbind(-1)
+    cos, sin = torch.stack((c[..., :4], s[..., :4]), -1).unbind(-1)
+    return torch.stack((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1).flatten(-2)
+
+
 # form: (fn, pairing of the pre-RoPE input, rotary dims, first rotary dim, pairing of the rotated output)
 FORMS = {
     "rotate-half": (lambda x, c, s: x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s, "half", 8, 0, "half"),
@@ -76,6 +106,13 @@ FORMS = {
     "de-interleave": (_deinterleave, "interleaved", 8, 0, "half"),
     "halves (chunk)": (_halves, "half", 8, 0, "half"),
     "trailing split de-interleave (MLA)": (_trailing_split, "interleaved", 4, 4, "half"),
+    "real-pair stack (gpt-fast, torchtune)": (lambda x, c, s: _gptfast_rope(x, _pair_table(c, s, 4)), "interleaved",
+                                              8, 0, "interleaved"),
+    "real-pair stack (unbind, commuted)": (_unbound_pairs, "interleaved", 8, 0, "interleaved"),
+    "partial real-pair stack": (lambda x, c, s: torch.cat((_gptfast_rope(x[..., :4], _pair_table(c, s, 2)),
+                                                           x[..., 4:]), -1), "interleaved", 4, 0, "interleaved"),
+    "trailing partial real-pair stack": (lambda x, c, s: torch.cat(
+        (x[..., :4], _gptfast_rope(x[..., 4:], _pair_table(c, s, 2))), -1), "interleaved", 4, 4, "interleaved"),
 }
 NEAR_MISSES = {
     "swapped signs": lambda x, c, s: x * c + torch.stack((x[..., 1::2], -x[..., ::2]), dim=-1).flatten(-2) * s,
@@ -86,6 +123,12 @@ NEAR_MISSES = {
     "de-interleave, wrong cross term": lambda x, c, s: torch.cat(
         (x[..., 0::2] * c[..., :4] - x[..., 1::2] * s[..., :4], x[..., 0::2] * c[..., :4] + x[..., 1::2] * s[..., :4]),
         -1),
+    "real pairs, swapped signs": _real_pairs(lambda a, b, c, s: (a * c + b * s, b * c - a * s)),
+    "real pairs, swapped members": _real_pairs(lambda a, b, c, s: (b * c - a * s, a * c + b * s)),
+    "real pairs, cos/sin indices swapped": _real_pairs(lambda a, b, c, s: (a * s - b * c, b * s + a * c)),
+    "real pairs, wrong cross term": _real_pairs(lambda a, b, c, s: (a * c - b * s, b * c + a * c)),
+    "real pairs, other tensor's members": lambda x, c, s: _real_pairs(lambda a, b, c_, s_: (
+        a * c_ - b * s_, (b + 1) * c_ + a * s_))(x, c, s),
 }
 
 
@@ -187,3 +230,94 @@ def test_capture_equals_independent_hook(family, tmp_path):
     path = stats.save(tmp_path / "stats.safetensors")
     loaded = type(stats).load(path, stats.signature)
     torch.testing.assert_close(loaded.q_pass_mean(), stats.q_pass_mean().float().double())
+
+
+class _PairTableAttention(torch.nn.Module):
+    """One torchtune-style attention layer: a ``[max_seq, F, 2]`` (cos, sin) cache gathered at ``input_pos``, RoPE on
+    the leading ``rotary`` dims of each head (all of them by default), SDPA. ``mscale`` scales the table (YaRN)."""
+
+    def __init__(self, rotary=16, head_dim=16, heads=2, base=500000.0, mscale=1.0):
+        super().__init__()
+        self.rotary, self.head_dim, self.heads = rotary, head_dim, heads
+        self.theta = 1.0 / base ** (torch.arange(0, rotary, 2)[: rotary // 2].float() / rotary)
+        angles = torch.outer(torch.arange(64).float(), self.theta)
+        self.register_buffer("cache", mscale * torch.stack((angles.cos(), angles.sin()), -1))
+        self.wq, self.wk, self.wv = (torch.nn.Linear(32, heads * head_dim, bias=False) for _ in range(3))
+
+    def _rope(self, x, input_pos):
+        r = self.rotary
+        rotated = _gptfast_rope(x[..., :r], self.cache[input_pos])
+        return rotated if r == self.head_dim else torch.cat((rotated, x[..., r:]), -1)
+
+    def forward(self, h, input_pos):
+        b, s, _ = h.shape
+        q, k, v = (w(h).view(b, s, self.heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        q, k = self._rope(q, input_pos), self._rope(k, input_pos)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("rotary,mscale", [(16, 1.0), (8, 1.25)])
+def test_real_pair_stack_frequencies_are_exact(rotary, mscale):
+    """ω and the attention scaling of a real-pair stack site are read off its cos/sin (one column per band) on the
+    probe at positions {0, 1}: ω is exactly the angle of the table's row 1, the scaling its magnitude."""
+    torch.manual_seed(0)
+    model = _PairTableAttention(rotary=rotary, mscale=mscale).eval()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(torch.randn(1, 2, 32), torch.arange(2))
+    gm, example_inputs = seen[0]
+    site = find_attention_sites(gm.graph, need_cache=False)[0]
+    assert (site.query.form, site.query.table) == ("real-pair stack" if rotary == 16 else "partial", "bands")
+    assert (site.query.pairing, site.query.key_pairing, site.query.rotary_dim) == ("interleaved", "interleaved", rotary)
+    omega, scale = rotary_frequencies(gm, site, example_inputs)
+    row = model.cache[1].double()  # [F, 2]: (cos, sin) of ω at position 1
+    torch.testing.assert_close(omega, torch.atan2(row[:, 1], row[:, 0]), rtol=1e-15, atol=0)  # to the float64 ulp
+    torch.testing.assert_close(omega, model.theta.double(), rtol=1e-6, atol=0)
+    assert abs(scale - mscale) < 1e-6
+
+
+def _upstream_gptfast_model():
+    """gpt-fast (tests/passes/gptfast.py) with upstream's real-pair RoPE: ``freqs_cis`` a ``[max_seq, D/2, 2]``
+    (cos, sin) table, applied by :func:`_gptfast_rope` (monkeypatched in by the caller)."""
+    torch.manual_seed(0)
+    model = gptfast.Transformer(gptfast.ModelArgs()).eval()
+    model.freqs_cis = torch.stack((model.freqs_cis.real, model.freqs_cis.imag), -1)
+    model.setup_caches(1, 256)
+    return model
+
+
+@torch.no_grad()
+def test_upstream_gptfast_real_pair_stack_decoder(monkeypatch):
+    """The whole pass on upstream gpt-fast RoPE: ω recovered exactly, interleaved keys, greedy tokens unchanged."""
+    monkeypatch.setattr(gptfast, "apply_rotary_emb", _gptfast_rope)
+    model = _upstream_gptfast_model()
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def greedy(step, steps=6):
+        out, logits = [ids], step(ids, 0)
+        for i in range(steps):
+            out.append(logits[:, -1:].argmax(-1))
+            logits = step(out[-1], ids.shape[1] + i)
+        return torch.cat(out, 1)
+
+    ref = greedy(lambda x, p: model(x, torch.arange(p, p + x.shape[1])))
+    wrapped = tc.optimize(gptfast.CompressedCacheAdapter(model), budget=48, divide_length=16, compiler="eager")
+    got = greedy(lambda x, p: wrapped(input_ids=x, past_key_values=None if p == 0 else tc.current_cache(wrapped)))
+    layout = tc.inspect(wrapped).layout
+    assert layout.describe().startswith("real-pair stack rotary")
+    sig = layout.signature
+    assert (sig.pairing, sig.rotary_dim, layout.rotary.key_pairing) == ("interleaved", 16, "interleaved")
+    row = model.freqs_cis[1].double()
+    torch.testing.assert_close(layout.omega, torch.atan2(row[:, 1], row[:, 0]).expand(2, -1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(layout.omega[0], 10000.0 ** -(torch.arange(0, 16, 2).double() / 16), rtol=1e-6, atol=0)
+    assert abs(sig.attention_scaling - 1.0) < 1e-6
+    assert torch.equal(got, ref)  # the sequence fits the cache: nothing evicted yet
+    greedy(lambda x, p: wrapped(input_ids=x, past_key_values=None if p == 0 else tc.current_cache(wrapped)), 60)
+    cache = tc.current_cache(wrapped)  # past the budget: interleaved keys scored and compacted
+    assert cache.peak_occupancy() == 64 and cache.compactions() >= 1 and cache.tokens_seen() == 70

@@ -49,7 +49,7 @@ def free_greedy_divergence(model, ids: torch.Tensor, prompt_len: int, limit: int
     """
     import triattn_compile as tc
 
-    state = model._triattn_state
+    state = tc.inspect(model)
     cache, pos = None, 0
     while pos < prompt_len:
         free = state.capacity - (cache.occupied if cache is not None else 0)

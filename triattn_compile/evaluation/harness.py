@@ -146,9 +146,11 @@ def _stats_groups(cfg: EvalConfig, model, tokenizer) -> dict[str | None, list[st
 
 def _reset_online_stats(model) -> None:
     """Online calibration starts from nothing for every sequence (no leakage across documents or policies)."""
-    state = model._triattn_state
-    if state.online:
-        state.stats = state.empty_stats()
+    import triattn_compile as tc
+
+    compressor = tc.inspect(model)
+    if compressor.online:
+        compressor.reset_stats()
 
 
 def _run_policy(cfg: EvalConfig, model, switch: PolicySwitch, spec: str, budget: int, docs: dict, full_docs: dict,

@@ -47,7 +47,7 @@ def teacher_force(model, ids: torch.Tensor, compressed: bool, chunk: int = 512, 
     n = ids.numel()
     nll, pred = [], []
     cache = None if compressed else DynamicCache()
-    state = getattr(model, "_triattn_state", None)
+    state = tc.inspect(model) if compressed else None
     keyword = cache_keyword(model.forward)
     pos = 0
     while pos < n:

@@ -40,3 +40,7 @@ def accumulate_attention(
 @accumulate_attention.register_fake
 def _(query, keys, acc, visible, layer, scale) -> None:
     return None
+
+
+RECORD_QUERIES = torch.ops.triattn.record_queries.default
+ACCUMULATE_ATTENTION = torch.ops.triattn.accumulate_attention.default

@@ -1,24 +1,29 @@
 """The Dynamo backend that runs the TriAttention pass, then Inductor.
 
 Dynamo hands us the whole decoder as one FX graph (with ``nn_module_stack`` and ``scaled_dot_product_attention``
-still visible, PLATFORM-NOTES §2). We match the sites, rewrite, and compile the result with ``compile_fx``. The
-state the new ops need (statistics, frequencies, slot positions) is appended as extra inputs on every call.
+still visible, PLATFORM-NOTES §2). The backend finds the sites, records the :class:`~triattn_compile.passes.discover
+.Layout` of the first graph it sees (``self.layout``) and checks every later graph against it, rewrites the graph
+for its mode and compiles the result with ``compile_fx``. The step's extra tensors arrive as graph inputs marked by
+``triattn::step_inputs`` (``passes/step_inputs.py``): the backend holds no per-call state.
+
+Modes: ``"discover"`` (record the layout, run the graph as traced), ``"calibrate"`` (capture every pre-RoPE query
+into the statistics), ``"compress"`` (the compressed cache's positions, mask and counters, capture when online).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 from torch._dynamo.utils import counters
-from torch._guards import detect_fake_mode
 from torch.fx import GraphModule
 
 from triattn_compile.calibration.stats import TENSOR_NAMES
-from triattn_compile.passes.match import find_attention_sites
+from triattn_compile.passes.discover import Layout, discover_layout
+from triattn_compile.passes.match import PatternNotFound, find_attention_sites
 from triattn_compile.passes.rewrite import (
-    add_inputs,
     grouped_attention,
     insert_advance,
     insert_attention_accumulate,
@@ -27,40 +32,65 @@ from triattn_compile.passes.rewrite import (
     insert_query_record,
     mask_to_occupied_slots,
 )
+from triattn_compile.passes.step_inputs import take_step_inputs
 
 log = logging.getLogger(__name__)
 
+MODES = ("discover", "calibrate", "compress")
+
 
 class TriAttentionBackend:
-    """``torch.compile(backend=...)`` callable bound to one :class:`~triattn_compile.api.TriAttentionState`."""
+    """``torch.compile(backend=...)`` callable for one optimized (or calibrated) model.
 
-    def __init__(self, state, mode: str):
-        assert mode in ("discover", "calibrate", "compress")
-        self.state = state
-        self.mode = mode
+    Args:
+        mode: one of :data:`MODES`.
+        input_names: names of the tensors the step marks with ``triattn::step_inputs``, in order.
+        layout: the layout found by discovery (later graphs must agree); ``None`` records the first graph's.
+        model_config: the model's config, if any (sliding windows); budget: windows must fit it.
+        fallback_omega: RoPE frequencies where a graph shows none (the model's ``inv_freq``).
+        capture: insert query capture (calibration, or online statistics in compress mode).
+        compiler: ``"inductor"`` or ``"eager"`` (run the rewritten graph as is).
+    """
+
+    def __init__(self, mode: str, *, input_names: Sequence[str] = (), layout: Layout | None = None,
+                 model_config: object = None, budget: int = 0, fallback_omega: torch.Tensor | None = None,
+                 capture: bool = False, compiler: str = "inductor"):
+        assert mode in MODES
+        self.mode, self.input_names, self.layout = mode, list(input_names), layout
+        self.model_config, self.budget, self.fallback_omega = model_config, budget, fallback_omega
+        self.capture, self.compiler = capture, compiler
+
+    def _record(self, gm: GraphModule, sites, example_inputs) -> Layout:
+        """The graph's layout: recorded if it is the first, else checked against the first."""
+        known = self.layout
+        layout = discover_layout(
+            gm, sites, example_inputs, config=self.model_config, budget=self.budget,
+            fallback_omega=known.omega if known is not None else self.fallback_omega,
+            latent=known is None and self.mode != "calibrate",
+        )
+        if known is None:
+            self.layout = layout
+        elif not known.same_as(layout):
+            raise PatternNotFound(f"a later graph of the model has a different attention layout: {layout}")
+        return self.layout
 
     def __call__(self, gm: GraphModule, example_inputs: list) -> Callable:
-        state = self.state
         # Dynamo keeps using its own graph after this call: rewrite a copy
         gm = GraphModule(gm, copy.deepcopy(gm.graph))
-        sites = find_attention_sites(gm.graph, need_cache=self.mode in ("discover", "compress"))
-        state.observe(gm, sites, example_inputs)
+        extra = take_step_inputs(gm.graph, self.input_names)
+        sites = find_attention_sites(gm.graph, need_cache=self.mode != "calibrate")
+        layout = self._record(gm, sites, example_inputs)
         counters["triattn"]["sites"] += len(sites)
         if self.mode == "discover":
+            gm.recompile()
             return gm.forward
-        capture = self.mode == "calibrate" or state.online
-        names = list(TENSOR_NAMES)  # the statistics, in QueryStats.tensors() order
-        if self.mode == "compress":
-            names += state.cache_input_names()
-        extra = dict(zip(names, add_inputs(gm.graph, names)))
-        stats = [extra[n] for n in TENSOR_NAMES]
-        ctrl = state.find_ctrl(gm, example_inputs) if self.mode == "compress" else None
-        if capture:
-            insert_capture(gm.graph, sites, stats, ctrl)
+        ctrl = extra.get("ctrl")
+        if self.capture:
+            insert_capture(gm.graph, sites, [extra[n] for n in TENSOR_NAMES], ctrl)
             counters["triattn"]["capture"] += len(sites)
         if self.mode == "compress":
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
-            masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], state.windows[site.layer])
+            masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], layout.layers[site.layer].window)
                      for site in sites]
             counters["triattn"]["grouped"] += sum(site.attn.target is grouped_attention for site in sites)
             if "queries" in extra:
@@ -71,20 +101,9 @@ class TriAttentionBackend:
             counters["triattn"]["compress"] += 1
         gm.graph.lint()
         gm.recompile()
-        extra_values: Callable[[], list] = state.extra_inputs if self.mode == "compress" else state.stats_inputs
-        if state.config.compiler == "eager":
-            compiled = gm.forward
-        else:
-            from torch._inductor.compile_fx import compile_fx
-
-            # the extra inputs have no Dynamo source: fakify them with static shapes (a guard on a dynamic size of
-            # theirs, e.g. slot_pos broadcast against the batch in the mask, could not be expressed)
-            fake_mode = detect_fake_mode(example_inputs)
-            extra_fakes = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in extra_values()]
-            compiled = compile_fx(gm, [*example_inputs, *extra_fakes])
         log.debug("triattn %s graph: %d sites rewritten", self.mode, len(sites))
+        if self.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
 
-        def run(*args):
-            return compiled(*args, *extra_values())
-
-        return run
+        return compile_fx(gm, example_inputs)

@@ -8,7 +8,7 @@ compressed cache by position (slot ``s`` of row ``b`` is visible to the row's qu
 batch attends to its own slots, (3) one ``triattn::advance`` call after the last attention node, and (4) when the
 eviction policy needs live queries, ops that record them (``triattn::record_queries``,
 ``triattn::accumulate_attention``, ``kernels/observe.py``).
-New state enters as extra graph inputs appended after the existing placeholders.
+New state enters as graph inputs the step marks (``passes/step_inputs.py``).
 """
 
 from __future__ import annotations
@@ -18,19 +18,10 @@ from torch.fx import Graph, Node
 
 from triattn_compile.cache import query_positions
 from triattn_compile.calibration.capture import capture_queries
+from triattn_compile.kernels.cache_ops import ADVANCE, RECORD_POSITIONS
+from triattn_compile.kernels.observe import ACCUMULATE_ATTENTION, RECORD_QUERIES
 from triattn_compile.passes.match import MATMUL_TARGETS, AttentionSite, _is, computes_scores, walk_to_buffer
 from triattn_compile.passes.rotary import fake_value
-
-
-def add_inputs(graph: Graph, names: list[str]) -> list[Node]:
-    """Append placeholders (the backend passes their values after Dynamo's own inputs)."""
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    nodes = []
-    for name in names:
-        with graph.inserting_after(last):
-            last = graph.placeholder(f"triattn_{name}")
-        nodes.append(last)
-    return nodes
 
 
 def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node], ctrl: Node | None = None) -> None:
@@ -73,7 +64,7 @@ def expand_heads(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
 def insert_positions(graph: Graph, sites: list[AttentionSite], ctrl: Node, slot_pos: Node) -> None:
     """``triattn::record_positions`` before the first attention (every mask reads the step's positions)."""
     with graph.inserting_before(_attention_start(sites[0])):
-        graph.call_function(torch.ops.triattn.record_positions.default, (ctrl, slot_pos, sites[0].write_slots))
+        graph.call_function(RECORD_POSITIONS, (ctrl, slot_pos, sites[0].write_slots))
 
 
 def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_pos: Node, window: int = 0) -> Node:
@@ -182,7 +173,7 @@ def _mask_operand(add: Node) -> Node:
 def insert_advance(graph: Graph, sites: list[AttentionSite], ctrl: Node) -> Node:
     """Append ``triattn::advance`` after the last attention node (all layers have written the new tokens)."""
     with graph.inserting_after(sites[-1].attn):
-        return graph.call_function(torch.ops.triattn.advance.default, (ctrl, sites[0].write_slots))
+        return graph.call_function(ADVANCE, (ctrl, sites[0].write_slots))
 
 
 def _scores_matmul(site: AttentionSite) -> Node:
@@ -208,7 +199,7 @@ def insert_query_record(graph: Graph, sites: list[AttentionSite], ring: Node) ->
     """Keep each layer's last W post-RoPE queries (the attention's query input, ``[B, H, T, D]``) in ``ring``."""
     for site in sites:
         with graph.inserting_before(site.attn):
-            graph.call_function(torch.ops.triattn.record_queries.default, (_query_operand(site), ring, site.layer))
+            graph.call_function(RECORD_QUERIES, (_query_operand(site), ring, site.layer))
 
 
 def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: Node, masks: list[Node]) -> None:
@@ -218,6 +209,6 @@ def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: N
         scale = site.attn.kwargs.get("scale")
         with graph.inserting_before(site.attn):
             graph.call_function(
-                torch.ops.triattn.accumulate_attention.default,
+                ACCUMULATE_ATTENTION,
                 (_query_operand(site), site.key_buffer, acc, visible, site.layer, scale),
             )

@@ -13,6 +13,9 @@ width) or ``None``. Adding a form means adding a row.
   ``x1, x2 = chunk(x, 2, -1)`` (gpt-oss; pairing "half"), or ``x1, x2 = x[..., ::2], x[..., 1::2]``
   ("de-interleave", DeepSeek-V2/V3's ``rope_interleave``): the query statistics pair ``interleaved``, the rotated
   keys ``half``.
+* real-pair stack (pairing "interleaved" in and out; gpt-fast upstream, torchtune ``RotaryPositionalEmbeddings``):
+  ``p = x.reshape(..., F, 2)``, ``stack((p0*c - p1*s, p1*c + p0*s), -1).flatten(-2)`` with ``p_i = p[..., i]`` and
+  ``c, s = t[..., 0], t[..., 1]`` of one ``[..., F, 2]`` table ``t`` (cos/sin one column per band).
 * partial (pairing of the inner form): ``cat(rope(x[..., :r]), x[..., r:])`` (GPT-NeoX, Phi, GLM) or trailing
   rotary dims ``cat(x[..., :p], rope(x[..., p:]))`` (MLA's ``cat(q_nope, rope(q_pe))``); the parts may be slices or
   ``torch.split`` outputs.
@@ -62,6 +65,7 @@ def _is(node: object, *targets) -> bool:
 _ADD = (operator.add, torch.add, "add")
 _MUL = (operator.mul, torch.mul, "mul")
 _NEG = (operator.neg, torch.neg, "neg")
+_SUB = (operator.sub, torch.sub, "sub")
 _CAT = (torch.cat, "cat")
 _STACK = (torch.stack, "stack")
 _FLATTEN = (torch.flatten, "flatten")
@@ -205,10 +209,32 @@ def _strip_casts(node: object) -> object:
     return node
 
 
+def _pairs_of(pairs: object) -> Node | None:
+    """``x.reshape(..., D/2, 2)`` (or ``view``; casts either side): the pairs ``(2f, 2f + 1)`` of ``x``'s last axis
+    -> ``x``."""
+    pairs = _strip_casts(pairs)
+    if not _is(pairs, "reshape", "view", torch.reshape):
+        return None
+    x = _strip_casts(pairs.args[0])
+    shape, x_shape = fake_value(pairs).shape, fake_value(x).shape
+    if tuple(shape[:-2]) == tuple(x_shape[:-1]) and shape[-1] == 2 and 2 * shape[-2] == x_shape[-1]:
+        return x
+    return None
+
+
+def _merges_pairs(post: Node, x: Node) -> bool:
+    """``post`` puts a ``[..., F, 2]`` result back into ``x``'s shape, pair after pair: ``flatten(-2)`` or a
+    ``reshape``/``view`` to that shape."""
+    if not _is(post, *_FLATTEN, "reshape", "view") or (_is(post, *_FLATTEN) and not _flattens_last_two(post)):
+        return False
+    shape, x_shape = fake_value(post.args[0]).shape, fake_value(x).shape
+    return tuple(fake_value(post).shape) == tuple(x_shape) and tuple(shape[:-2]) == tuple(x_shape[:-1])
+
+
 def match_complex(post: Node) -> RotaryMatch | None:
     """``view_as_real(view_as_complex(x.reshape(..., F, 2)) * freqs_cis).flatten(-2)`` (Meta reference, gpt-fast):
     interleaved pairs, ``freqs_cis = e^{iωt}`` complex ``[..., F]``."""
-    if not _is(post, *_FLATTEN, "reshape", "view") or (_is(post, *_FLATTEN) and not _flattens_last_two(post)):
+    if not _is(post, *_FLATTEN, "reshape", "view"):
         return None
     real = post.args[0]
     if not _is(real, torch.view_as_real) or not _is(real.args[0], *_MUL):
@@ -216,18 +242,73 @@ def match_complex(post: Node) -> RotaryMatch | None:
     for z, freqs in _mul_pairs(real.args[0]):
         if not _is(z, torch.view_as_complex):
             continue
-        pairs = _strip_casts(z.args[0])
-        if not _is(pairs, "reshape", "view", torch.reshape):
-            continue
-        x = _strip_casts(pairs.args[0])
-        shape, x_shape = fake_value(pairs).shape, fake_value(x).shape
-        same = tuple(fake_value(post).shape) == tuple(x_shape)
-        if same and tuple(shape[:-2]) == tuple(x_shape[:-1]) and shape[-1] == 2 and 2 * shape[-2] == x_shape[-1]:
-            return RotaryMatch(x, post, freqs, freqs, "interleaved", int(x_shape[-1]), "complex", table="complex")
+        x = _pairs_of(z.args[0])
+        if x is not None and _merges_pairs(post, x):
+            return RotaryMatch(x, post, freqs, freqs, "interleaved", _last_dim(x), "complex", table="complex")
     return None
 
 
-_SUB = (operator.sub, torch.sub, "sub")
+def _pair_member(node: object) -> tuple[Node, int] | None:
+    """``t[..., i]`` (or ``t[:, :, :, i]``, ``t.select(-1, i)``, ``t.unbind(-1)[i]``) of a tensor ``t`` whose last
+    axis holds a pair -> ``(t, i)``, i in (0, 1)."""
+    if _is(node, operator.getitem) and _is(node.args[0], torch.unbind, "unbind"):
+        base, i = node.args[0].args[0], node.args[1]
+        if not isinstance(base, Node) or _dim_arg(node.args[0], 1) not in (-1, fake_value(base).dim() - 1):
+            return None
+    elif _is(node, operator.getitem) and isinstance(node.args[1], tuple) and node.args[1]:
+        base, idx = node.args
+        i, lead = idx[-1], idx[:-1]
+        full = lambda j: isinstance(j, slice) and j == slice(None)
+        if not isinstance(base, Node) or not isinstance(fake_value(base), torch.Tensor):
+            return None
+        if not ((len(lead) == 1 and lead[0] is Ellipsis) or (len(lead) == fake_value(base).dim() - 1
+                                                             and all(map(full, lead)))):
+            return None
+    elif _is(node, torch.select, "select"):
+        base, dim, i = (*node.args, None, None)[:3]
+        if not isinstance(base, Node) or not isinstance(dim, int) or dim not in (-1, fake_value(base).dim() - 1):
+            return None
+    else:
+        return None
+    if not isinstance(base, Node) or isinstance(i, bool) or not isinstance(i, int) or _last_dim(base) != 2:
+        return None
+    return (base, i % 2) if -2 <= i < 2 else None
+
+
+def _is_product(node: object, a: tuple[Node, int], b: tuple[Node, int]) -> bool:
+    """Whether ``node`` is ``u * v`` (either order) with ``u``, ``v`` the pair members ``a``, ``b``."""
+    return _is(node, *_MUL) and any(_pair_member(u) == a and _pair_member(v) == b for u, v in _mul_pairs(node))
+
+
+def match_real_pairs(post: Node) -> RotaryMatch | None:
+    """``stack((p0*c - p1*s, p1*c + p0*s), -1).flatten(-2)`` with ``p_i = x.reshape(..., F, 2)[..., i]`` and
+    ``c, s = t[..., 0], t[..., 1]`` of one ``[..., F, 2]`` table (gpt-fast upstream, torchtune): the complex product
+    written out on real pairs; interleaved pairs in and out, cos/sin one column per band."""
+    if not _is(post, *_FLATTEN, "reshape", "view"):
+        return None
+    stack = post.args[0]
+    if not _is(stack, *_STACK) or _dim_arg(stack, 1) not in (-1, fake_value(stack).dim() - 1):
+        return None
+    parts = stack.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return None
+    real, imag = parts
+    if not _is(real, *_SUB) or not _is(imag, *_ADD) or not all(_is(a, *_MUL) for a in (*real.args, *imag.args)):
+        return None
+    for u, cos in _mul_pairs(real.args[0]):  # real = p0 * c - p1 * s
+        for v, sin in _mul_pairs(real.args[1]):
+            p0, p1, c, s = map(_pair_member, (u, v, cos, sin))
+            if None in (p0, p1, c, s) or p0 != (p0[0], 0) or p1 != (p0[0], 1) or c != (c[0], 0) or s != (c[0], 1):
+                continue
+            t1, t2 = imag.args[:2]  # imag = p1 * c + p0 * s
+            if not ((_is_product(t1, p1, c) and _is_product(t2, p0, s))
+                    or (_is_product(t2, p1, c) and _is_product(t1, p0, s))):
+                continue
+            x = _pairs_of(p0[0])
+            if x is not None and _merges_pairs(post, x):
+                return RotaryMatch(x, post, cos, sin, "interleaved", _last_dim(x), "real-pair stack", table="bands")
+    return None
+
 
 
 def _product(node: object, x: Node, table: Node | None) -> Node | None:
@@ -301,11 +382,13 @@ def match_partial(post: Node) -> RotaryMatch | None:
     return None
 
 
-FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [match_rotate_half, match_complex, match_pair_halves]
+FULL_FORMS: list[Callable[[Node], RotaryMatch | None]] = [
+    match_rotate_half, match_complex, match_pair_halves, match_real_pairs,
+]
 ROTARY_FORMS: list[Callable[[Node], RotaryMatch | None]] = [*FULL_FORMS, match_partial]
 ROTARY_FORM_NAMES = (
     "rotate-half", "rotate-every-two", "complex freqs_cis", "pair members (halves or de-interleave)",
-    "partial (leading or trailing dims)",
+    "real-pair stack (cos/sin table [..., F, 2])", "partial (leading or trailing dims)",
     "none (NoPE: a plain projection)"
 )
 
