@@ -132,29 +132,3 @@ def test_sliding_window_wider_than_budget():
         tc.optimize(MistralForCausalLM(config).eval(), budget=256, compiler="eager")
     msg = _one_line(exc)
     assert "sliding window 512" in msg and "budget >= 512" in msg and msg.startswith("attention site 0")
-
-
-def _third_party_decoders():
-    """The vendored third-party decoders with their own KV caches (tests/thirdparty/), small and random."""
-    from thirdparty import cat_cache_model, gptfast_model, torchtune_llama3
-
-    torch.manual_seed(0)
-    gptfast = gptfast_model.Transformer(gptfast_model.ModelArgs(
-        block_size=64, vocab_size=128, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128))
-    gptfast.setup_caches(max_batch_size=1, max_seq_length=64)
-    torchtune = torchtune_llama3.llama3(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-                                        max_seq_len=64, intermediate_dim=128)
-    torchtune.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=64)
-    cat = cat_cache_model.Llama3Model({
-        "vocab_size": 128, "emb_dim": 64, "n_heads": 4, "n_kv_groups": 2, "n_layers": 2, "hidden_dim": 128,
-        "context_length": 64, "rope_base": 10000.0, "rope_freq": None, "dtype": torch.float32})
-    return {"gpt-fast": gptfast, "torchtune": torchtune, "cat-cache": cat}
-
-
-def test_third_party_decoders_with_their_own_caches_are_refused_in_one_line():
-    """Decoders that take neither ``input_ids`` nor a transformers cache are not yet served: one line that names
-    the call convention optimize() needs, never an AttributeError from deep inside."""
-    for name, model in _third_party_decoders().items():
-        with pytest.raises(ValueError) as exc:
-            tc.optimize(model.eval(), budget=128, compiler="eager")
-        assert "lacks input_ids" in _one_line(exc) and "cache.update" in _one_line(exc), name

@@ -19,8 +19,9 @@ from torch import nn
 
 from triattn_compile.cache import CACHE_KEYWORDS, CompressedCache, cache_keyword, query_positions
 from triattn_compile.calibration.stats import TENSOR_NAMES, QueryStats
-from triattn_compile.config import TriAttentionConfig
-from triattn_compile.passes.backend import TriAttentionBackend
+from triattn_compile.config import BUDGET, DIVIDE_LENGTH, TriAttentionConfig
+from triattn_compile.own_forward import OwnCacheForward
+from triattn_compile.passes.backend import Discovered, TriAttentionBackend
 from triattn_compile.passes.discover import Layout
 from triattn_compile.passes.match import PassError
 from triattn_compile.passes.step_inputs import isolated_step
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 _ATTR = "_triattn"  # the Compressor of an optimized model (read it through inspect())
 
 
-def _find(model: nn.Module) -> Compressor | None:
+def _find(model: nn.Module) -> Compressor | OwnCacheForward | None:
     return model.__dict__.get(_ATTR)
 
 
@@ -50,6 +51,8 @@ def _run_traced(fn, *args) -> None:
     try:
         with torch.no_grad():
             fn(*args)
+    except Discovered:
+        raise
     except Exception as exc:  # dynamo wraps backend errors
         cause = exc
         while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
@@ -62,22 +65,28 @@ def _run_traced(fn, *args) -> None:
         ) from None
 
 
+def _missing_arguments(model: nn.Module) -> list[str]:
+    """What ``model.forward`` lacks of the transformers call convention (``input_ids``, ``position_ids``, a cache)."""
+    params = _inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return []
+    missing = [n for n in ("input_ids", "position_ids") if n not in params]
+    return missing + ([] if set(CACHE_KEYWORDS) & set(params) else ["past_key_values (or cache)"])
+
+
 def _check_call_convention(model: nn.Module) -> None:
     """The model must take ``input_ids``, ``position_ids`` and a transformers-style cache: else one line."""
-    params = _inspect.signature(model.forward).parameters
-    variadic = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    missing = [n for n in ("input_ids", "position_ids") if n not in params and not variadic]
-    if not variadic and not set(CACHE_KEYWORDS) & set(params):
-        missing.append("past_key_values (or cache)")
+    missing = _missing_arguments(model)
     if missing:
+        params = _inspect.signature(model.forward).parameters
         raise ValueError(
-            f"optimize() calls the model as model(input_ids=..., position_ids=..., past_key_values=<Cache>) and "
+            f"this needs a model called as model(input_ids=..., position_ids=..., past_key_values=<Cache>) and "
             f"{type(model).__name__}.forward({', '.join(params)}) lacks {', '.join(missing)}; give it such a forward "
             "whose attention layers write with cache.update(k, v, layer_idx) (README: plain PyTorch decoders)"
         )
 
 
-def discover(model: nn.Module, budget: int = 2048, divide_length: int = 128) -> Layout:
+def discover(model: nn.Module, budget: int = BUDGET, divide_length: int = DIVIDE_LENGTH) -> Layout:
     """Trace ``model`` once on two dummy tokens (no Inductor) and return its attention :class:`Layout`.
 
     The model is called as ``model(input_ids=ids, <cache>=probe, position_ids=positions, use_cache=True)`` with a
@@ -115,14 +124,16 @@ def _check_placement(model: nn.Module) -> None:
                          "(e.g. model.to(torch.float32))")
 
 
-def optimize(model: nn.Module, budget: int = 2048, **options) -> nn.Module:
+def optimize(model: nn.Module, budget: int = BUDGET, **options) -> nn.Module:
     """Give ``model`` a TriAttention-compressed KV cache of ``budget + 128`` slots per KV head.
 
     Args:
-        model: a decoder whose forward takes ``input_ids``, ``position_ids`` and a transformers-style cache
+        model: a decoder. Either its forward takes ``input_ids``, ``position_ids`` and a transformers-style cache
             (``cache`` or ``past_key_values``) that its attention layers ``update`` (every transformers decoder;
-            ``generate()`` keeps working). The model object is modified in place (an instance-level ``forward``);
-            :func:`restore` undoes it.
+            ``generate()`` keeps working), or it keeps its own KV cache buffers written by position (gpt-fast,
+            torchtune: set them up for ``budget + divide_length`` positions) and is called as its code calls it;
+            its layout is then discovered on its first call (``own_forward.py``). The model object is modified
+            in place (an instance-level ``forward``); :func:`restore` undoes it.
         budget: tokens kept per KV head after each compaction.
         **options: further :class:`TriAttentionConfig` fields (``stats=``, ``protect_prompt=``, ``per_layer=``, ...).
     Returns:
@@ -137,6 +148,11 @@ def optimize(model: nn.Module, budget: int = 2048, **options) -> nn.Module:
         raise ValueError("optimize() was already applied to this model; call triattn_compile.restore(model) first")
     _check_placement(model)
     config = TriAttentionConfig(budget=budget, **options)
+    if _missing_arguments(model):  # its own call convention and, presumably, its own KV cache
+        own = OwnCacheForward(model, config, _run_traced)
+        setattr(model, _ATTR, own)
+        model.forward = own
+        return model
     layout = discover(model, config.budget, config.divide_length)
     compressor = Compressor(config, layout, next(model.parameters()).device)
     backend = TriAttentionBackend(
@@ -240,7 +256,7 @@ def calibrate(
     device = next(model.parameters()).device
     stats = QueryStats(layout.signature, device)
     backend = TriAttentionBackend("calibrate", input_names=TENSOR_NAMES, layout=layout, capture=True,
-                                  model_config=getattr(model, "config", None), budget=2048, compiler="eager")
+                                  model_config=getattr(model, "config", None), budget=BUDGET, compiler="eager")
     fn = torch.compile(isolated_step(), backend=backend, fullgraph=True)
     # only queries are needed: a transformers LM head need not project every position onto the vocabulary
     accepts = _inspect.signature(model.forward).parameters
@@ -258,7 +274,8 @@ def calibrate(
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`optimize`: the model runs its original forward with an ordinary cache again."""
-    if _find(model) is None:
+    found = _find(model)
+    if found is None:
         raise ValueError("restore() called on a model that optimize() was not applied to")
     del model.forward
     delattr(model, _ATTR)
@@ -281,6 +298,11 @@ def inspect(model: nn.Module) -> Compressor:
     compressor = _find(model)
     if compressor is None:
         raise ValueError("inspect() needs a model returned by triattn_compile.optimize")
+    if isinstance(compressor, OwnCacheForward):
+        if compressor.compressor is None:
+            raise ValueError("this model keeps its own KV cache: its layout is discovered on its first call; call it "
+                             "once before inspect()")
+        return compressor.compressor
     return compressor
 
 

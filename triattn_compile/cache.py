@@ -27,6 +27,8 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from triattn_compile.config import DIVIDE_LENGTH
+
 OCCUPIED, SEEN, PAD = range(3)
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it ``cache``; older ones and plain models
 
@@ -46,6 +48,13 @@ def query_positions(ctrl: torch.Tensor, length: int) -> torch.Tensor:
     """``[B, length]`` positions of the tokens a step feeds: row b's token t is at ``fed + t - pad_b`` (negative for
     left padding)."""
     return ctrl[SEEN][:, None] + torch.arange(length, device=ctrl.device) - ctrl[PAD][:, None]
+
+
+def write_slots(ctrl: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """``[B, length]`` slots the step's tokens go to: row b's token t to ``(ctrl[OCCUPIED, b] + t - lead_b) mod C``,
+    ``lead_b`` being the row's padding still in this call (so a row's real tokens fill slots ``0, 1, ...``)."""
+    lead = (ctrl[PAD] - ctrl[SEEN]).clamp(min=0)[:, None]  # [B, 1] padding tokens in this call
+    return (ctrl[OCCUPIED][:, None] + torch.arange(length, device=ctrl.device) - lead) % capacity
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -72,9 +81,7 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # key_states: [B, Hkv, T, D] post-RoPE
-        lead = (self.ctrl[PAD] - self.ctrl[SEEN]).clamp(min=0)[:, None]  # [B, 1] padding tokens in this call
-        slots = (self.ctrl[OCCUPIED][:, None] + torch.arange(key_states.shape[-2], device=self.device) - lead)
-        slots = slots % self.capacity  # [B, T]
+        slots = write_slots(self.ctrl, key_states.shape[-2], self.capacity)  # [B, T]
         rows = torch.arange(slots.shape[0], device=self.device)[:, None]
         # an indexed assignment (index_put_, unlike scatter_) stays in place under Inductor: no copy of the buffer
         self.keys[rows, :, slots] = key_states.transpose(1, 2)
@@ -101,7 +108,7 @@ class CompressedCache(Cache):
         batch: rows (sequences); each has its own write pointer, positions and compaction schedule.
     """
 
-    def __init__(self, num_layers: int | None, budget: int, divide_length: int = 128,
+    def __init__(self, num_layers: int | None, budget: int, divide_length: int = DIVIDE_LENGTH,
                  device: torch.device | str = "cpu", batch: int = 1):
         self.budget = budget
         self.capacity = budget + divide_length
@@ -150,6 +157,17 @@ class CompressedCache(Cache):
             self.attention[:, row, :, self.capacity - pad:] = 0  # padding slots (each saw only itself)
         if self.queries is not None and real < self.queries.shape[3]:
             self.queries[:, row, :, : self.queries.shape[3] - real] = 0
+
+    def reset(self) -> None:
+        """Empty again, in place (the same tensors): a new sequence in a model that keeps these buffers as its own."""
+        self.ctrl.zero_()
+        if self.slot_pos is not None:
+            self.slot_pos.fill_(-1)
+        for extra in (self.queries, self.attention):
+            if extra is not None:
+                extra.zero_()
+        self.fill, self.pads, self.prompt, self.row_rounds = ([0] * self.batch for _ in range(4))
+        self.seen = self.peak = 0
 
     def repeat_rows(self, batch: int) -> None:
         """Turn a one-row cache into ``batch`` identical rows (benchmarks: the same context in every sequence)."""

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# the paper's defaults (TRIATTENTION.md §1.7), declared once
+BUDGET = 2048  # tokens kept per KV head
+DIVIDE_LENGTH = 128  # decode steps between compactions
+MAX_OFFSET = 65536  # future offsets 1, 2, 4, ..., 65536 (17)
+NOISE = 1e-6  # tie-break noise on the z-scores
+
 
 @dataclass
 class TriAttentionConfig:
@@ -24,13 +30,13 @@ class TriAttentionConfig:
             :data:`triattn_compile.policies.POLICIES` (the baselines), or a :class:`~triattn_compile.policies.Policy`.
     """
 
-    budget: int = 2048
-    divide_length: int = 128
+    budget: int = BUDGET
+    divide_length: int = DIVIDE_LENGTH
     protect_prompt: bool = True
     per_layer: bool = False
     stats: str | Path | None = None
-    max_offset: int = 65536
-    noise: float = 1e-6
+    max_offset: int = MAX_OFFSET
+    noise: float = NOISE
     seed: int = 0
     compiler: str = "inductor"
     policy: object = "triattention"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from triattn_compile.config import MAX_OFFSET, NOISE
 from triattn_compile.kernels.scoring.naive import aggregate_scores, geometric_offsets, score_pass_through
 from triattn_compile.kernels.scoring.triton_kernel import score_keys
 
@@ -83,8 +84,8 @@ class TriAttention(Policy):
     use_trig: bool = True
     use_norm: bool = True
     mlr: bool = True
-    max_offset: int = 65536
-    noise: float = 1e-6
+    max_offset: int = MAX_OFFSET
+    noise: float = NOISE
     seed: int = 0
     name: str = "triattention"
 

@@ -259,7 +259,7 @@ def _compiled_score_keys_code(device: str) -> tuple[torch.Tensor, torch.Tensor, 
     pure-torch expectation and the generated source (``run_and_get_code``)."""
     from torch._inductor.utils import run_and_get_code
 
-    from triattn_compile.kernels.scoring.triton_kernel import _score_keys_torch
+    from triattn_compile.kernels.scoring.naive import score_folded
 
     torch._dynamo.reset()
     case = Case(1, 2, 3, 100, 128, "bf16", "half", 1.25, "bnhd")
@@ -271,7 +271,7 @@ def _compiled_score_keys_code(device: str) -> tuple[torch.Tensor, torch.Tensor, 
         return torch.ops.triattn.score_keys(keys, u_re, u_im, w, case.scale, case.pairing).amax(-1)
 
     out, code = run_and_get_code(torch.compile(fn, fullgraph=True), keys, u_re, u_im, w)
-    expected = _score_keys_torch(keys.cpu(), u_re.cpu(), u_im.cpu(), w.cpu(), case.scale, case.pairing).amax(-1)
+    expected = score_folded(keys.cpu(), u_re.cpu(), u_im.cpu(), w.cpu(), case.scale, case.pairing).amax(-1)
     return out.cpu(), expected, "\n".join(code)
 
 

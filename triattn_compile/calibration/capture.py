@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from triattn_compile.bands import band_parts
 from triattn_compile.cache import query_positions
-from triattn_compile.kernels.scoring.naive import band_parts
 
 
 def capture_queries(

@@ -14,9 +14,10 @@ from triattn_compile.cache import OCCUPIED, SEEN, query_positions
 
 @torch.library.custom_op("triattn::record_positions", mutates_args=("slot_pos",))
 def record_positions(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor) -> None:
-    """Before the first attention: the step's tokens at ``slots`` ``[B, T]`` get their row's position
+    """Before the first attention: the step's tokens at ``slots`` ``[B, T]`` (or ``[T]``) get their row's position
     ``fed + t - pad`` in every layer's ``slot_pos`` (``-1`` for padding tokens)."""
     L, B, H, _ = slot_pos.shape
+    slots = slots.expand(B, -1) if slots.dim() == 1 else slots  # [T]: every row on the same schedule
     pos = query_positions(ctrl, slots.shape[-1])
     pos = pos.masked_fill(pos < 0, -1)
     shape = (L, B, H, slots.shape[-1])
@@ -31,7 +32,7 @@ def _(ctrl, slot_pos, slots) -> None:
 @torch.library.custom_op("triattn::advance", mutates_args=("ctrl",))
 def advance(ctrl: torch.Tensor, slots: torch.Tensor) -> None:
     """After the last attention: move each row's write pointer past ``slots`` ``[B, T]`` and count the fed tokens."""
-    ctrl[OCCUPIED] = slots[:, -1] + 1
+    ctrl[OCCUPIED] = slots[..., -1] + 1
     ctrl[SEEN] += slots.shape[-1]
 
 

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from triattn_compile.calibration.stats import TENSOR_NAMES
 from triattn_compile.passes.discover import Layout, discover_layout
 from triattn_compile.passes.match import PatternNotFound, find_attention_sites
+from triattn_compile.passes.own_cache import OwnCache, own_cache_buffers, retarget_writes
 from triattn_compile.passes.rewrite import (
     grouped_attention,
     insert_advance,
@@ -32,11 +33,16 @@ from triattn_compile.passes.rewrite import (
     insert_query_record,
     mask_to_occupied_slots,
 )
+from triattn_compile.passes.rotary import fake_value
 from triattn_compile.passes.step_inputs import take_step_inputs
 
 log = logging.getLogger(__name__)
 
 MODES = ("discover", "calibrate", "compress")
+
+
+class Discovered(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised instead of running a graph that was traced only to be discovered (``stop_after_discovery``)."""
 
 
 class TriAttentionBackend:
@@ -50,15 +56,21 @@ class TriAttentionBackend:
         fallback_omega: RoPE frequencies where a graph shows none (the model's ``inv_freq``).
         capture: insert query capture (calibration, or online statistics in compress mode).
         compiler: ``"inductor"`` or ``"eager"`` (run the rewritten graph as is).
+        own_cache: the model writes its own KV buffers by position (``passes/own_cache.py``): discovery records
+            them (``self.own_cache``), compression retargets their writes to the compressed slots.
+        stop_after_discovery: the discovered graph raises :class:`Discovered` instead of running.
     """
 
     def __init__(self, mode: str, *, input_names: Sequence[str] = (), layout: Layout | None = None,
                  model_config: object = None, budget: int = 0, fallback_omega: torch.Tensor | None = None,
-                 capture: bool = False, compiler: str = "inductor"):
+                 capture: bool = False, compiler: str = "inductor", own_cache: bool = False,
+                 stop_after_discovery: bool = False):
         assert mode in MODES
         self.mode, self.input_names, self.layout = mode, list(input_names), layout
         self.model_config, self.budget, self.fallback_omega = model_config, budget, fallback_omega
         self.capture, self.compiler = capture, compiler
+        self.own, self.stop_after_discovery = own_cache, stop_after_discovery
+        self.own_cache: OwnCache | None = None
 
     def _record(self, gm: GraphModule, sites, example_inputs) -> Layout:
         """The graph's layout: recorded if it is the first, else checked against the first."""
@@ -82,13 +94,17 @@ class TriAttentionBackend:
         layout = self._record(gm, sites, example_inputs)
         counters["triattn"]["sites"] += len(sites)
         if self.mode == "discover":
+            if self.own:
+                self.own_cache = own_cache_buffers(sites)
             gm.recompile()
-            return gm.forward
+            return _raise_discovered if self.stop_after_discovery else gm.forward
         ctrl = extra.get("ctrl")
         if self.capture:
             insert_capture(gm.graph, sites, [extra[n] for n in TENSOR_NAMES], ctrl)
             counters["triattn"]["capture"] += len(sites)
         if self.mode == "compress":
+            if self.own:
+                retarget_writes(gm.graph, sites, ctrl, int(fake_value(extra["slot_pos"]).shape[-1]))
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
             masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], layout.layers[site.layer].window)
                      for site in sites]
@@ -107,3 +123,7 @@ class TriAttentionBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
+
+
+def _raise_discovered(*args):
+    raise Discovered

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from triattn_compile.passes.match import AttentionSite
+from triattn_compile.passes.match import AttentionSite, PatternNotFound
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,23 @@ def _bands(table: torch.Tensor, pairing: str, layout: str, bands: int) -> torch.
 
 
 def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout: str, bands: int):
-    """ω ``[F]`` from cos/sin values taken at positions {0, 1} only, else ``None`` (rows must be 0 or one ω row)."""
+    """ω ``[F]`` from cos/sin values taken at positions {0, 1} only (rows must be 0 or one ω row), or at the
+    consecutive positions ``0, 1, ..., T - 1`` in order (row t at angle ``t ω`` mod 2π: a model's first call on its
+    prompt); else ``None``."""
     angle = torch.atan2(sin.double(), cos.double()) if layout != "complex" else torch.angle(cos.to(torch.complex128))
     rows = _bands(angle, pairing, layout, bands).reshape(-1, bands)
     omega = rows[rows.abs().sum(-1).argmax()]
     zero = rows.abs().amax(-1) < 1e-6
     same = (rows - omega).abs().amax(-1) < 1e-5 * max(1.0, float(omega.abs().max()))
-    if not bool(zero.any()) or not bool((zero | same).all()) or not bool((omega > 0).all()):
-        return None
-    return omega
+    if bool(zero.any()) and bool((zero | same).all()) and bool((omega > 0).all()):
+        return omega
+    if len(rows) > 2 and bool(zero[0]) and bool((rows[1] > 0).all()):
+        omega = rows[1]
+        expected = torch.arange(len(rows), dtype=torch.float64)[:, None] * omega  # [T, F]
+        turn = torch.remainder(rows - expected + torch.pi, 2 * torch.pi) - torch.pi  # angle difference, wrapped
+        if bool((turn.abs() < 1e-4 * torch.arange(1, len(rows) + 1, dtype=torch.float64)[:, None]).all()):
+            return omega
+    return None
 
 
 def rotary_frequencies(
@@ -89,9 +97,9 @@ def rotary_frequencies(
         log.debug("site %d: no frequency input in the graph; using the fallback inv_freq", site.layer)
         omega = fallback.detach().double().cpu()
     else:
-        raise ValueError(
-            f"attention site {site.layer} ({site.module}): cannot find the RoPE frequencies in the graph "
-            "(no inv_freq input and no cos/sin at positions 0 and 1); give the model an inv_freq buffer"
+        raise PatternNotFound(
+            f"attention site {site.layer} ({site.module}): cannot find the RoPE frequencies in the graph (no inv_freq "
+            "input, and cos/sin not at positions 0, 1, ...); give the model an inv_freq buffer or start at position 0"
         )
     mag = torch.sqrt(cos.double() ** 2 + sin.double() ** 2) if layout != "complex" else cos.abs().double()
     return omega, float(mag.mean())

@@ -46,9 +46,10 @@ def _reduces(node: Node, source: Node, depth: int = 3) -> bool:
     return False
 _LAYOUT_METHODS = {
     "contiguous", "to", "clone", "view", "reshape", "expand", "float", "type_as", "transpose", "permute",
-    "repeat_interleave",
+    "repeat_interleave", "unsqueeze", "flatten",
 }
-_LAYOUT_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.repeat_interleave, operator.getitem}
+_LAYOUT_FUNCS = {torch.reshape, torch.transpose, torch.permute, torch.repeat_interleave, torch.unsqueeze, torch.flatten,
+                 operator.getitem}
 _CAST_METHODS = ("contiguous", "to", "clone", "float", "type_as")
 
 
@@ -236,7 +237,8 @@ def _is_scalar(x: object) -> bool:
 
 
 def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | None:
-    """``softmax(matmul(q, kᵀ) [*/ scale] [soft-cap] [+ mask] [cat sinks] [- max])`` followed by ``matmul(·, v)``
+    """``softmax(matmul(q, kᵀ) [*/ scale] [soft-cap] [+ mask | .masked_fill(mask, -inf)] [cat sinks] [- max])`` followed
+    by ``matmul(·, v)``
     (after casts, dropout, or dropping the sink columns) -> ``(q, k, v, mask_add)``."""
     node, mask_add = softmax.args[0], None
     while isinstance(node, Node) and not _is(node, *MATMUL_TARGETS):
@@ -249,6 +251,8 @@ def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | No
             if len(scores) != 1:
                 return None
             mask_add, node = node, scores[0]
+        elif _is(node, "masked_fill", torch.masked_fill) and mask_add is None and computes_scores(node.args[0]):
+            mask_add, node = node, node.args[0]  # scores.masked_fill(mask, -inf): replaced like an additive mask
         elif _is(node, *_SUB_TARGETS) and isinstance(node.args[1], Node) and _reduces(node.args[1], node.args[0]):
             node = node.args[0]  # x - max(x): the softmax's own stabilisation
         elif _is(node, torch.cat, "cat") and _arg(node, 1, "dim") == -1 and len(node.args[0]) == 2:
@@ -325,9 +329,12 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
             else:
                 kw, vw = _cache_write(key_source), _cache_write(walk_to_buffer(v_arg))
             if kw is None or vw is None:
+                grown = _is(key_source, torch.cat, "cat") or _is(walk_to_buffer(v_arg), torch.cat, "cat")
                 raise PatternNotFound(
-                    f"{where}: keys/values do not come from the compressed cache; the model must pass "
-                    "its cache (`cache` or `past_key_values`) to its attention layers"
+                    f"{where}: keys/values are not written in place into a cache "
+                    + ("(they grow by torch.cat, which cannot be compressed in place); " if grown else "; ")
+                    + "the model must pass its cache (`cache` or `past_key_values`) to its attention layers, or "
+                    "write its own KV buffers by index (buffer[:, :, positions] = new, index_copy_)"
                 )
             site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
             site.write_slots, new_keys = _written(kw)

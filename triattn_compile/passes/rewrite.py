@@ -5,13 +5,15 @@ over the occupied slots; it adds (1) ``capture_queries`` on each site's pre-RoPE
 (2) ``triattn::record_positions`` before the first attention node and an attention mask ``[B, H, T, C]`` over the
 compressed cache by position (slot ``s`` of row ``b`` is visible to the row's query at position ``q`` iff
 ``0 <= slot_pos[b, s] <= q``, and always to the query written there), so padding is never seen and each row of a
-batch attends to its own slots, (3) one ``triattn::advance`` call after the last attention node, and (4) when the
+batch attends to its own slots, (3) one ``triattn::advance`` call before the graph's output, and (4) when the
 eviction policy needs live queries, ops that record them (``triattn::record_queries``,
 ``triattn::accumulate_attention``, ``kernels/observe.py``).
 New state enters as graph inputs the step marks (``passes/step_inputs.py``).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.fx import Graph, Node
@@ -100,6 +102,7 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     if _grouped(site):
         _group_queries(graph, site, kv_mask)
         return kv_mask
+    old = _sdpa_operands(site)[3]
     args = list(site.attn.args)
     kwargs = dict(site.attn.kwargs)
     if len(args) > 3:
@@ -110,7 +113,21 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
         args[5] = False
     kwargs["is_causal"] = False
     site.attn.args, site.attn.kwargs = tuple(args), kwargs
+    erase_unused_indexing(graph, old)
     return kv_mask
+
+
+_INDEXING = {operator.getitem, "view", "reshape", "expand", "to", "contiguous", "unsqueeze", "bool"}
+
+
+def erase_unused_indexing(graph: Graph, node: object) -> None:
+    """Erase ``node`` and the indexing/view ops it came from once nothing reads them (a model's own causal mask,
+    ``mask[None, None, positions]``, would otherwise still index a table by absolute position)."""
+    while isinstance(node, Node) and not node.users and node.op in ("call_function", "call_method") and (
+            node.target in _INDEXING):
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        node = inputs[0] if inputs else None
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -157,9 +174,11 @@ def _group_queries(graph: Graph, site: AttentionSite, kv_mask: Node) -> None:
             {"dropout_p": dropout_p or 0.0, "scale": scale},
         )
     node.meta = dict(site.attn.meta)
+    old_mask = _sdpa_operands(site)[3]
     site.attn.replace_all_uses_with(node)
     graph.erase_node(site.attn)
     site.attn = node
+    erase_unused_indexing(graph, old_mask)
 
 
 def _mask_operand(add: Node) -> Node:
@@ -171,8 +190,10 @@ def _mask_operand(add: Node) -> Node:
 
 
 def insert_advance(graph: Graph, sites: list[AttentionSite], ctrl: Node) -> Node:
-    """Append ``triattn::advance`` after the last attention node (all layers have written the new tokens)."""
-    with graph.inserting_after(sites[-1].attn):
+    """Insert ``triattn::advance`` just before the graph's output: after every layer has written and read the new
+    tokens (an eager-form site's anchor is its softmax, before its ``matmul(probs, v)`` reads the values)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
         return graph.call_function(ADVANCE, (ctrl, sites[0].write_slots))
 
 

@@ -37,44 +37,16 @@ from __future__ import annotations
 
 import torch
 
-PAIRINGS = ("half", "interleaved")
+from triattn_compile.bands import PAIRINGS, band_parts, from_complex_pairs, to_complex_pairs  # noqa: F401
+from triattn_compile.config import MAX_OFFSET
 
 
-def geometric_offsets(max_offset: int = 65536) -> torch.Tensor:
+def geometric_offsets(max_offset: int = MAX_OFFSET) -> torch.Tensor:
     """Future offsets ``{1, 2, 4, ..., max_offset}`` (17 values for the paper's 65536). Returns ``[O]`` float64."""
     if max_offset < 1:
         raise ValueError(f"max_offset must be >= 1, got {max_offset}")
     powers = [float(2**i) for i in range(max_offset.bit_length()) if 2**i <= max_offset]
     return torch.tensor(powers, dtype=torch.float64)
-
-
-def to_complex_pairs(x: torch.Tensor, pairing: str, rotary_dim: int | None = None) -> torch.Tensor:
-    """View the rotary part of ``x[..., D]`` as complex bands ``[..., F]`` (F = rotary_dim / 2).
-
-    ``half``: band f = x[f] + i x[f + F] (rotate-half, Llama). ``interleaved``: band f = x[2f] + i x[2f + 1] (GPT-J).
-    """
-    r = x.shape[-1] if rotary_dim is None else rotary_dim
-    x = x[..., :r].float() if x.dtype not in (torch.float32, torch.float64) else x[..., :r]
-    return torch.complex(*band_parts(x, pairing, r))
-
-
-def band_parts(x: torch.Tensor, pairing: str, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of the rotary bands of ``x[..., D]`` (:func:`to_complex_pairs` without a complex
-    dtype, which Inductor does not generate code for)."""
-    if pairing == "half":
-        return x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
-    if pairing == "interleaved":
-        return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
-    raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
-
-
-def from_complex_pairs(z: torch.Tensor, pairing: str) -> torch.Tensor:
-    """Inverse of :func:`to_complex_pairs` for the rotary part: ``[..., F]`` complex -> ``[..., 2F]`` real."""
-    if pairing == "half":
-        return torch.cat([z.real, z.imag], dim=-1)
-    if pairing == "interleaved":
-        return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
-    raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, omega: torch.Tensor, pairing: str, scale: float = 1.0):
@@ -204,16 +176,26 @@ def score_postrope(
     Returns:
         ``[B, H, N]`` float32 scores.
     """
-    H, F = q_mean.shape
-    k = to_complex_pairs(keys_rot, pairing, 2 * F)  # [B, Hkv, N, F] complex64
-    B, Hkv, N, F = k.shape
     u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
-    u, w = u.to(k.device).view(Hkv, H // Hkv, F), w.to(k.device).view(Hkv, H // Hkv, F)
-    # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
-    score = torch.einsum("bhnf,hgf->bhgn", k.real, u.real) + torch.einsum("bhnf,hgf->bhgn", k.imag, u.imag)
-    score = score + torch.einsum("bhnf,hgf->bhgn", k.abs(), w)
-    score = (score * float(scale)).reshape(B, H, N)
+    u = u.to(keys_rot.device)
+    score = score_folded(keys_rot, u.real, u.imag, w.to(keys_rot.device), scale, pairing)
     return score if q_pass is None else score + score_pass_through(keys_rot, q_pass)
+
+
+def score_folded(keys_rot: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor, w: torch.Tensor, scale: float,
+                 pairing: str) -> torch.Tensor:
+    """The post-RoPE score of :func:`score_postrope` from the folded query vectors (``fold_query_stats``, fp32
+    ``[H, F]``): ``s·(Re(conj(k) u) + |k|·w)`` per query head, ``[B, H, N]`` float32. The one formula the CPU path
+    (``triattn::score_keys``'s torch body) and this reference share; the Triton kernel computes it on CUDA."""
+    B, Hkv, N, _ = keys_rot.shape
+    H, F = u_re.shape
+    k_re, k_im = band_parts(keys_rot.float(), pairing, 2 * F)  # [B, Hkv, N, F]
+    k_abs = torch.sqrt(k_re * k_re + k_im * k_im)
+    u_re, u_im, w = (t.float().view(Hkv, H // Hkv, F) for t in (u_re, u_im, w))
+    # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
+    score = (torch.einsum("bhnf,hgf->bhgn", k_re, u_re) + torch.einsum("bhnf,hgf->bhgn", k_im, u_im)
+             + torch.einsum("bhnf,hgf->bhgn", k_abs, w))
+    return (score * float(scale)).reshape(B, H, N)
 
 
 def score_pass_through(keys: torch.Tensor, q_pass: torch.Tensor) -> torch.Tensor:

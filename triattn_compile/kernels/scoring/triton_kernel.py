@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from triattn_compile.kernels.scoring.naive import PAIRINGS, fold_query_stats
+from triattn_compile.kernels.scoring.naive import PAIRINGS, fold_query_stats, score_folded
 
 __all__ = ["score_keys", "score_keys_fwd", "score_keys_triton_eager"]
 
@@ -153,24 +153,6 @@ def score_keys_fwd(
     return out
 
 
-def _score_keys_torch(
-    keys: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor, w: torch.Tensor, scale: float, pairing: str
-) -> torch.Tensor:
-    """The kernel's formula in plain torch (the CPU body of ``triattn::score_keys``)."""
-    B, Hkv, N, D = keys.shape
-    H, F = u_re.shape
-    k = keys.float()
-    k_re, k_im = (k[..., :F], k[..., F:]) if pairing == "half" else (k[..., 0::2], k[..., 1::2])  # [B, Hkv, N, F]
-    k_abs = torch.sqrt(k_re * k_re + k_im * k_im)
-    G = H // Hkv
-    score = (
-        torch.einsum("bhnf,hgf->bhgn", k_re, u_re.view(Hkv, G, F))
-        + torch.einsum("bhnf,hgf->bhgn", k_im, u_im.view(Hkv, G, F))
-        + torch.einsum("bhnf,hgf->bhgn", k_abs, w.view(Hkv, G, F))
-    )
-    return (score * scale).reshape(B, H, N)
-
-
 @triton_op("triattn::score_keys", mutates_args=())
 def _score_keys_op(
     keys: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor, w: torch.Tensor, scale: float, pairing: str
@@ -179,7 +161,7 @@ def _score_keys_op(
     _check_pairing(pairing)
     if keys.is_cuda:
         return score_keys_fwd(keys, u_re, u_im, w, scale, pairing)
-    return _score_keys_torch(keys, u_re, u_im, w, scale, pairing)
+    return score_folded(keys, u_re, u_im, w, scale, pairing)
 
 
 def _fold_query_stats(round_start, q_mean, q_abs, omega, offsets, device, use_trig, use_norm, mlr):

@@ -1,0 +1,110 @@
+"""The forward of an optimized decoder that keeps its own KV cache (gpt-fast, torchtune, ...), called as its own
+code calls it.
+
+Nothing about such a model is known before it runs: on its first call the model is traced once to discover its
+layout and its cache buffers (``passes/own_cache.py``; that graph is not run). The model's own key/value buffers,
+set up by the user for ``budget + divide_length`` positions, then **are** the compressed cache's storage, and the
+step is compiled with the model's cache writes retargeted to the compressed slots: RoPE keeps the positions the
+model is given, attention sees the occupied slots, compaction gathers the buffers in place. A new sequence starts
+when the model writes position 0 again (after its own ``setup_caches`` or ``reset_caches``): one scalar of the
+step's inputs is read on the host per call to tell.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from triattn_compile.config import TriAttentionConfig
+from triattn_compile.passes.backend import Discovered, TriAttentionBackend
+from triattn_compile.passes.match import PatternNotFound
+from triattn_compile.passes.step_inputs import isolated_step
+from triattn_compile.schedule import Compressor
+
+
+def _tokens(args, kwargs) -> torch.Tensor:
+    """The step's token ids ``[B, T]``: its first 2-D integer tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
+            return value
+    raise ValueError("an optimized model with its own KV cache must be called with token ids [batch, tokens]")
+
+
+class OwnCacheForward:
+    """``model.forward`` after ``optimize`` for a model that keeps its own KV cache buffers."""
+
+    def __init__(self, model: nn.Module, config: TriAttentionConfig, run_traced):
+        self.model, self.config, self.original, self.run_traced = model, config, model.forward, run_traced
+        self.compressor: Compressor | None = None
+        self.buffers: list[tuple[str, str]] = []  # per layer: names of the model's key and value buffers
+
+    def __call__(self, *args, **kwargs):
+        if self.compressor is None:
+            self._discover(args, kwargs)
+        compressor, config = self.compressor, self.config
+        cache = compressor.cache
+        self._adopt(cache)
+        if int(self.positions(args, kwargs).reshape(-1)[0]) == 0 and cache.tokens_seen():
+            cache.reset()  # the model starts a new sequence
+        length = _tokens(args, kwargs).shape[1]
+        if cache.tokens_seen() == 0 and config.protect_prompt and length + config.divide_length > config.budget:
+            raise ValueError(
+                f"prompt of {length} tokens does not fit budget {config.budget} with prompt protection (needs "
+                f"budget >= prompt + {config.divide_length}); use budget >= {length + config.divide_length} or "
+                "protect_prompt=False"
+            )
+        if length > compressor.capacity - cache.occupied:
+            raise ValueError(f"{length} new tokens do not fit the compressed cache ({cache.occupied}/"
+                             f"{compressor.capacity} slots used); feed at most divide_length tokens per call")
+        out = self.compiled(self.original, compressor.step_inputs(cache), args, kwargs)
+        compressor.after_step(cache, length)
+        return out
+
+    def _discover(self, args, kwargs) -> None:
+        model, config = self.model, self.config
+        inv_freq = next((b for n, b in model.named_buffers() if n.endswith("inv_freq")), None)
+        options = {"model_config": getattr(model, "config", None), "budget": config.budget, "own_cache": True}
+        backend = TriAttentionBackend("discover", fallback_omega=inv_freq, stop_after_discovery=True, **options)
+        try:
+            self.run_traced(torch.compile(isolated_step(), backend=backend, fullgraph=True), self.original, [], args,
+                            kwargs)
+        except Discovered:
+            pass
+        own, names = backend.own_cache, {id(t): n for n, t in model.named_buffers()}
+        tokens, capacity = _tokens(args, kwargs), config.budget + config.divide_length
+        for layer, pair in enumerate(own.buffers):
+            if any(id(b) not in names for b in pair):
+                raise PatternNotFound(f"attention site {layer}: its KV cache is not a registered buffer of the model; "
+                                      "register it with module.register_buffer")
+            shape = tuple(pair[0].shape)
+            if len(shape) != 4 or shape[0] != tokens.shape[0] or shape[2] != capacity:
+                raise ValueError(
+                    f"the model's own KV cache ({names[id(pair[0])]}) has shape {list(shape)}; set it up for batch "
+                    f"{tokens.shape[0]} and budget + divide_length = {capacity} positions (gpt-fast: "
+                    f"setup_caches(max_batch_size, {capacity}); torchtune: decoder_max_seq_len={capacity})")
+            self.buffers.append((names[id(pair[0])], names[id(pair[1])]))
+        self.positions = self._position_reader(own.positions, args, kwargs, names)
+        compressor = Compressor(config, backend.layout, tokens.device)
+        compressor.cache = compressor.new_cache(tokens.shape[0], tokens.device, own.buffers[0][0].dtype)
+        self.compiled = torch.compile(isolated_step(), fullgraph=True, backend=TriAttentionBackend(
+            "compress", input_names=compressor.step_input_names(), layout=backend.layout, capture=compressor.online,
+            compiler=config.compiler, **options))
+        self.compressor = compressor
+
+    def _adopt(self, cache) -> None:
+        """The model's buffers are the cache's storage (again, if the model set up new ones)."""
+        for layer, (keys, values) in zip(cache.layers, self.buffers):
+            layer.keys, layer.values = self.model.get_buffer(keys), self.model.get_buffer(values)
+
+    def _position_reader(self, tensor: torch.Tensor, args, kwargs, names: dict):
+        """Where the tensor that the first write position is read from comes from: an argument, or a buffer."""
+        for i, value in enumerate(args):
+            if value is tensor:
+                return lambda a, k: a[i]
+        for key, value in kwargs.items():
+            if value is tensor:
+                return lambda a, k: k[key]
+        if id(tensor) in names:
+            name = names[id(tensor)]
+            return lambda a, k: self.model.get_buffer(name)
+        raise PatternNotFound("the cache write position is neither an argument of the model nor a buffer of it")
