@@ -8,7 +8,7 @@ marker by name (:func:`take_step_inputs`) and erases it before Inductor sees the
 
 Each call of :func:`isolated_step` returns a function with a code object of its own, so Dynamo's cache entries and
 its automatic-dynamic bookkeeping for one optimized model never mix with another's, nor with functions the user
-compiled: nothing needs ``torch._dynamo.reset()``.
+compiled, and optimize/calibrate never clear Dynamo's caches.
 """
 
 from __future__ import annotations
