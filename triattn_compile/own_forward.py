@@ -8,6 +8,10 @@ step is compiled with the model's cache writes retargeted to the compressed slot
 model is given, attention sees the occupied slots, compaction gathers the buffers in place. A new sequence starts
 when the model writes position 0 again (after its own ``setup_caches`` or ``reset_caches``): one scalar of the
 step's inputs is read on the host per call to tell.
+
+A model whose cache grows by ``torch.cat`` and is handed back to the caller gets a compressed cache of its own
+instead (its new keys are written there, ``passes/own_cache.write_appended``); the caller keeps zero-memory
+stand-ins, and a call that passes none of them back starts a new sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ def _tokens(args, kwargs) -> torch.Tensor:
     raise ValueError("an optimized model with its own KV cache must be called with token ids [batch, tokens]")
 
 
+def _passes(tensor: torch.Tensor, value: object, depth: int = 6) -> bool:
+    """Whether ``value`` (the call's arguments: containers, and plain objects such as a cache class) holds
+    ``tensor``."""
+    if isinstance(value, torch.Tensor):  # the step may return a view of the buffer
+        return value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    if depth == 0 or isinstance(value, (nn.Module, str, bytes, int, float)):
+        return False
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, (list, tuple)):
+        value = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    return any(_passes(tensor, v, depth - 1) for v in value)
+
+
 class OwnCacheForward:
     """``model.forward`` after ``optimize`` for a model that keeps its own KV cache buffers."""
 
@@ -37,15 +55,20 @@ class OwnCacheForward:
         self.model, self.config, self.original, self.run_traced = model, config, model.forward, run_traced
         self.compressor: Compressor | None = None
         self.buffers: list[tuple[str, str]] = []  # per layer: names of the model's key and value buffers
+        self.grown = False  # the model grows its cache by torch.cat: it holds the compressed cache's tensors
 
     def __call__(self, *args, **kwargs):
         if self.compressor is None:
             self._discover(args, kwargs)
         compressor, config = self.compressor, self.config
         cache = compressor.cache
-        self._adopt(cache)
-        if int(self.positions(args, kwargs).reshape(-1)[0]) == 0 and cache.tokens_seen():
-            cache.reset()  # the model starts a new sequence
+        if self.grown:
+            if cache.tokens_seen() and not _passes(self.stand_in, (args, kwargs)):
+                cache.reset()  # called without the cache it returned: a new sequence
+        else:
+            self._adopt(cache)
+            if int(self.positions(args, kwargs).reshape(-1)[0]) == 0 and cache.tokens_seen():
+                cache.reset()  # the model starts a new sequence
         length = _tokens(args, kwargs).shape[1]
         if cache.tokens_seen() == 0 and config.protect_prompt and length + config.divide_length > config.budget:
             raise ValueError(
@@ -56,7 +79,13 @@ class OwnCacheForward:
         if length > compressor.capacity - cache.occupied:
             raise ValueError(f"{length} new tokens do not fit the compressed cache ({cache.occupied}/"
                              f"{compressor.capacity} slots used); feed at most divide_length tokens per call")
-        out = self.compiled(self.original, compressor.step_inputs(cache), args, kwargs)
+        inputs = compressor.step_inputs(cache)
+        if self.grown:
+            inputs += [self.stand_in, *(t for layer in cache.layers for t in (layer.keys, layer.values))]
+        # a position counter kept as a Python int on a module (x.shape-free RoPE offsets) is traced as a graph input
+        # rather than a constant, so that the step does not recompile every call
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            out = self.compiled(self.original, inputs, args, kwargs)
         compressor.after_step(cache, length)
         return out
 
@@ -72,6 +101,7 @@ class OwnCacheForward:
             pass
         own, names = backend.own_cache, {id(t): n for n, t in model.named_buffers()}
         tokens, capacity = _tokens(args, kwargs), config.budget + config.divide_length
+        self.grown = own.grown
         for layer, pair in enumerate(own.buffers):
             if any(id(b) not in names for b in pair):
                 raise PatternNotFound(f"attention site {layer}: its KV cache is not a registered buffer of the model; "
@@ -83,11 +113,18 @@ class OwnCacheForward:
                     f"{tokens.shape[0]} and budget + divide_length = {capacity} positions (gpt-fast: "
                     f"setup_caches(max_batch_size, {capacity}); torchtune: decoder_max_seq_len={capacity})")
             self.buffers.append((names[id(pair[0])], names[id(pair[1])]))
-        self.positions = self._position_reader(own.positions, args, kwargs, names)
+        if not own.grown:
+            self.positions = self._position_reader(own.positions, args, kwargs, names)
         compressor = Compressor(config, backend.layout, tokens.device)
-        compressor.cache = compressor.new_cache(tokens.shape[0], tokens.device, own.buffers[0][0].dtype)
+        dtype = own.buffers[0][0].dtype if own.buffers else next(model.parameters()).dtype
+        compressor.cache = compressor.new_cache(tokens.shape[0], tokens.device, dtype)
+        names = compressor.step_input_names()
+        if own.grown:
+            layers = range(backend.layout.num_layers)
+            names += ["stand_in", *(f"{kind}.{i}" for i in layers for kind in ("keys", "values"))]
+            self.stand_in = torch.zeros((), dtype=dtype, device=tokens.device)
         self.compiled = torch.compile(isolated_step(), fullgraph=True, backend=TriAttentionBackend(
-            "compress", input_names=compressor.step_input_names(), layout=backend.layout, capture=compressor.online,
+            "compress", input_names=names, layout=backend.layout, capture=compressor.online,
             compiler=config.compiler, **options))
         self.compressor = compressor
 

@@ -1,8 +1,9 @@
 """Third-party decoders with their own KV caches go through ``optimize`` with no adapter, called as their own code
 calls them: upstream gpt-fast (``KVCache`` buffers written at ``input_pos``, real-pair ``stack`` RoPE,
 ``repeat_interleave`` GQA) and torchtune's llama3 ``TransformerDecoder`` (``KVCache`` written at its own
-``cache_pos`` counter, with its own bounds check; ``unsqueeze/expand/flatten`` GQA), both vendored unchanged in
-``tests/thirdparty/``. A decoder whose cache grows by ``torch.cat`` is refused in one line."""
+``cache_pos`` counter, with its own bounds check; ``unsqueeze/expand/flatten`` GQA), and rasbt's LLMs-from-scratch
+Llama 3 (a cache grown by ``torch.cat`` in a caller-held object, a Python-int position counter, masked_fill
+attention), all vendored unchanged in ``tests/thirdparty/``."""
 
 from __future__ import annotations
 
@@ -106,14 +107,58 @@ def test_own_cache_of_the_wrong_length_is_one_line():
     assert "\n" not in str(exc.value)
 
 
-def test_a_cache_grown_by_cat_is_refused_in_one_line():
+def _cat_model(context: int = 4096) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = cat_cache_model.Llama3Model({
+    return cat_cache_model.Llama3Model({
         "vocab_size": 128, "emb_dim": 64, "n_heads": 4, "n_kv_groups": 2, "n_layers": 2, "hidden_dim": 128,
-        "context_length": 64, "rope_base": 10000.0, "rope_freq": None, "dtype": torch.float32}).eval()
-    tc.optimize(model, budget=32, divide_length=16, compiler="eager")
+        "context_length": context, "rope_base": 10000.0, "rope_freq": None, "dtype": torch.float32}).eval()
+
+
+@torch.no_grad()
+def _cat_greedy(model, n, ids):
+    """rasbt's ``generate_text_simple`` loop: a new ``KVCache`` per sequence, the model's counter reset."""
+    cache = cat_cache_model.KVCache(n_layers=2)
+    model.reset_kv_cache()
+    out, logits = [ids], model(ids, cache=cache)
+    for _ in range(n):
+        out.append(logits[:, -1:].argmax(-1))
+        logits = model(out[-1], cache=cache)
+    return torch.cat(out, 1), cache
+
+
+def test_cache_grown_by_cat_exact_while_fitting_then_bounded_through_compactions():
+    """A decoder whose cache is ``torch.cat([cache, new], dim=2)``, kept by the caller in a cache object and passed
+    back: the new keys go to the compressed cache, and what the caller keeps is a zero-memory stand-in."""
+    budget, divide = 32, 16
+    capacity = budget + divide
+    reference = _cat_greedy(_cat_model(), capacity - PROMPT, _ids())[0]
+    model = tc.optimize(_cat_model(), budget=budget, divide_length=divide, compiler="eager")
+    tokens, kept = _cat_greedy(model, capacity - PROMPT, _ids())
+    assert torch.equal(tokens, reference)
+    assert {(x.rotary_form, x.pairing, x.attention) for x in tc.inspect(model).layout.layers} == {
+        ("rotate_half", "half", "eager")}
+    keys = kept.get(0)[0]
+    assert keys.shape == (1, 2, capacity, 16) and keys.stride() == (0, 0, 0, 0)  # shaped as grown, no memory
+    graphs = counters["stats"]["unique_graphs"]
+    _cat_greedy(model, 200, _ids(2))  # a new KVCache: a new sequence
+    cache = tc.current_cache(model)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the warm-up"
+    assert cache.tokens_seen() == PROMPT + 200 and cache.peak_occupancy() == capacity
+    assert cache.compactions() == (PROMPT + 200 - capacity) // divide + 1
+
+
+@torch.no_grad()
+def test_cache_grown_by_cat_two_thousand_tokens_at_budget_128():
+    model = tc.optimize(_cat_model(), budget=128, protect_prompt=False, compiler="eager")
+    _cat_greedy(model, 2000, _ids(3))
+    cache = tc.current_cache(model)
+    assert cache.compactions() == (PROMPT + 2000 - 256) // 128 + 1 and cache.peak_occupancy() == 256
+
+
+def test_a_grown_cache_that_is_not_returned_is_one_line():
+    model = tc.optimize(_cat_model(64), budget=32, divide_length=16, compiler="eager")
     with pytest.raises(tc.PatternNotFound) as exc:
         with torch.no_grad():
-            model(_ids(), cache=cat_cache_model.KVCache(2))
+            model(_ids())  # no cache: the keys are neither written into one nor returned
     message = str(exc.value)
-    assert "\n" not in message and "attention site 0" in message and "written in place" in message
+    assert "\n" not in message and "attention site 0" in message and "nor returned as a grown cache" in message

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from triattn_compile.calibration.stats import TENSOR_NAMES
 from triattn_compile.passes.discover import Layout, discover_layout
 from triattn_compile.passes.match import PatternNotFound, find_attention_sites
-from triattn_compile.passes.own_cache import OwnCache, own_cache_buffers, retarget_writes
+from triattn_compile.passes.own_cache import OwnCache, own_cache_buffers, retarget_writes, write_appended
 from triattn_compile.passes.rewrite import (
     grouped_attention,
     insert_advance,
@@ -78,7 +78,7 @@ class TriAttentionBackend:
         layout = discover_layout(
             gm, sites, example_inputs, config=self.model_config, budget=self.budget,
             fallback_omega=known.omega if known is not None else self.fallback_omega,
-            latent=known is None and self.mode != "calibrate",
+            latent=known is None and self.mode != "calibrate", known=known,
         )
         if known is None:
             self.layout = layout
@@ -90,7 +90,7 @@ class TriAttentionBackend:
         # Dynamo keeps using its own graph after this call: rewrite a copy
         gm = GraphModule(gm, copy.deepcopy(gm.graph))
         extra = take_step_inputs(gm.graph, self.input_names)
-        sites = find_attention_sites(gm.graph, need_cache=self.mode != "calibrate")
+        sites = find_attention_sites(gm.graph, need_cache=self.mode != "calibrate", appended=self.own)
         layout = self._record(gm, sites, example_inputs)
         counters["triattn"]["sites"] += len(sites)
         if self.mode == "discover":
@@ -103,8 +103,12 @@ class TriAttentionBackend:
             insert_capture(gm.graph, sites, [extra[n] for n in TENSOR_NAMES], ctrl)
             counters["triattn"]["capture"] += len(sites)
         if self.mode == "compress":
-            if self.own:
-                retarget_writes(gm.graph, sites, ctrl, int(fake_value(extra["slot_pos"]).shape[-1]))
+            capacity = int(fake_value(extra["slot_pos"]).shape[-1])
+            if self.own and sites[0].appended:
+                buffers = [(extra[f"keys.{s.layer}"], extra[f"values.{s.layer}"]) for s in sites]
+                write_appended(gm.graph, sites, buffers, extra["stand_in"], ctrl, capacity)
+            elif self.own:
+                retarget_writes(gm.graph, sites, ctrl, capacity)
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
             masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], layout.layers[site.layer].window)
                      for site in sites]

@@ -190,6 +190,7 @@ def discover_layout(
     budget: int = 0,
     fallback_omega: torch.Tensor | None = None,
     latent: bool = True,
+    known: Layout | None = None,
 ) -> Layout:
     """The :class:`Layout` of ``gm``'s attention ``sites``.
 
@@ -198,6 +199,8 @@ def discover_layout(
         fallback_omega: RoPE frequencies to use where the graph shows none (the model's ``inv_freq``, or ``[L, F]``
             found on an earlier graph).
         latent: read latent (MLA) layers' key up-projections (needs the sites' cache buffers).
+        known: the layout of an earlier graph of the same model, whose RoPE frequencies and attention scaling are
+            kept (they are the model's; evaluating the cos/sin tables again would specialize a dynamic graph).
     Raises:
         PatternNotFound: layers that disagree on their rotary layout or attention shapes, or no RoPE layer.
     """
@@ -206,7 +209,8 @@ def discover_layout(
     q = next(s.query for s in sites if s.query.rotary_dim)
     per_layer = fallback_omega is not None and fallback_omega.dim() == 2 and len(fallback_omega) == len(sites)
     freqs = [
-        rotary_frequencies(gm, s, example_inputs, fallback_omega[i] if per_layer else fallback_omega)
+        (known.omega[i], known.attention_scaling) if known is not None and s.query.rotary_dim
+        else rotary_frequencies(gm, s, example_inputs, fallback_omega[i] if per_layer else fallback_omega)
         if s.query.rotary_dim else (torch.zeros(q.rotary_dim // 2, dtype=torch.float64), None)
         for i, s in enumerate(sites)
     ]

@@ -89,6 +89,7 @@ class AttentionSite:
     key_buffer: Node | None = None
     value_buffer: Node | None = None
     write_slots: Node | None = None  # [B, T] (or [T]) slots the new tokens were written to
+    appended: tuple[Node, Node] | None = None  # a cache grown by torch.cat: the keys, values the step returns
     latent: LatentKey | None = None  # multi-head latent attention: the cache holds (latent, rotary part)
     kv_dims: tuple[int, int] = (0, 0)  # last dims of the cached keys and values
 
@@ -298,15 +299,46 @@ def _attention_nodes(graph: Graph):
             yield node, q, k, v, "eager", node, mask_add
 
 
-def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
+def _returned(graph: Graph) -> set[Node]:
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return {n for n in torch.utils._pytree.tree_leaves(output.args) if isinstance(n, Node)}
+
+
+def appended_tokens(grown: Node) -> Node:
+    """The new tokens of a grown cache (``site.appended``): ``new`` of ``cat([cache, new], dim=-2)``, else itself."""
+    return grown.args[0][1] if _is(grown, torch.cat, "cat") else grown
+
+
+def _grown_cache(operand: Node, returned: set[Node], where: str) -> Node:
+    """For a model whose cache grows by ``torch.cat``, found from an attention key or value operand: the cache is
+    what the step returns (for the caller to pass back). Walking back through repeat_kv, the first returned tensor
+    is ``cat([cache, new], dim=-2)``, or the new tokens themselves (the cache was empty)."""
+    node = operand
+    while node not in returned and _is_layout(node):
+        node = node.args[0]
+    if node not in returned:
+        raise PatternNotFound(
+            f"{where}: keys/values are not written in place into a cache, nor returned as a grown cache; the model "
+            "must pass its cache (`cache` or `past_key_values`) to its attention layers, write its own KV buffers "
+            "by index (buffer[:, :, positions] = new, index_copy_), or return cat([cache, new], dim=-2)")
+    if _is(node, torch.cat, "cat"):
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if len(parts) != 2 or dim not in (2, -2):
+            raise PatternNotFound(f"{where}: its cache grows by a torch.cat other than cat([cache, new], dim=-2)")
+    return node
+
+
+def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False) -> list[AttentionSite]:
     """All attention sites in graph order (= layer order).
 
     Args:
         need_cache: also locate each site's compressed-cache buffers and write (compression mode).
+        appended: a site whose keys are not written into a buffer may append them to a cache that grows by
+            ``torch.cat`` (or attend to the new tokens alone): ``site.appended`` (``passes/own_cache.py``).
     Raises:
         PatternNotFound: a site whose rotary embedding (or cache write) is not recognised, or no site at all.
     """
-    sites = []
+    sites, returned = [], _returned(graph) if appended else set()
     for node, q_arg, k_arg, v_arg, form, softmax, mask_add in _attention_nodes(graph):
         where = f"attention site {len(sites)} ({module_of(node)})"
         q_post, head_axis = _walk_layout(q_arg, head_axis=1)
@@ -328,17 +360,19 @@ def find_attention_sites(graph: Graph, need_cache: bool) -> list[AttentionSite]:
                 kw, vw = _cache_write(latent.latent) if latent.latent else None, _cache_write(latent.rotary)
             else:
                 kw, vw = _cache_write(key_source), _cache_write(walk_to_buffer(v_arg))
-            if kw is None or vw is None:
-                grown = _is(key_source, torch.cat, "cat") or _is(walk_to_buffer(v_arg), torch.cat, "cat")
+            if (kw is None or vw is None) and appended and latent is None:
+                site.appended = (_grown_cache(k_arg, returned, where), _grown_cache(v_arg, returned, where))
+                new_keys, new_values = map(appended_tokens, site.appended)
+            elif kw is None or vw is None:
                 raise PatternNotFound(
-                    f"{where}: keys/values are not written in place into a cache "
-                    + ("(they grow by torch.cat, which cannot be compressed in place); " if grown else "; ")
-                    + "the model must pass its cache (`cache` or `past_key_values`) to its attention layers, or "
-                    "write its own KV buffers by index (buffer[:, :, positions] = new, index_copy_)"
+                    f"{where}: keys/values are not written in place into a cache; the model must pass its cache "
+                    "(`cache` or `past_key_values`) to its attention layers, write its own KV buffers by index "
+                    "(buffer[:, :, positions] = new, index_copy_), or grow them by torch.cat([cache, new], dim=-2)"
                 )
-            site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
-            site.write_slots, new_keys = _written(kw)
-            new_values = _written(vw)[1]
+            else:
+                site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
+                site.write_slots, new_keys = _written(kw)
+                new_values = _written(vw)[1]
             site.kv_dims = (int(fake_value(new_keys).shape[-1]), int(fake_value(new_values).shape[-1]))
             rotated = new_values if latent else new_keys  # a latent cache keeps the rotated key as its "values"
             k_post = _walk_layout(rotated, head_axis=1)[0]

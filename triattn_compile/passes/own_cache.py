@@ -9,6 +9,10 @@ the real tensors of those buffers and of the tensor the write index is read from
 to the compressed cache's next slots instead of the positions: RoPE keeps the model's absolute positions, the
 attention mask is the rewrite's (occupied slots), and compaction gathers the model's (now compressed) buffers in
 place.
+
+A decoder whose cache grows by ``torch.cat([cache, new], dim=2)`` and is returned to the caller (who passes it back)
+has no buffers to take over: :func:`write_appended` writes its new tokens into the compressed cache's own buffers
+and returns :func:`stand_in` tensors in place of the grown cache.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import torch
 from torch.fx import Graph, Node
 
 from triattn_compile.cache import write_slots
-from triattn_compile.passes.match import AttentionSite, PatternNotFound, module_of
+from triattn_compile.passes.match import AttentionSite, PatternNotFound, appended_tokens, module_of
 from triattn_compile.passes.rewrite import erase_unused_indexing
 
 
 @dataclass(frozen=True)
 class OwnCache:
     """The model's own cache, as the graph shows it: per layer its key and value buffers, and the tensor whose first
-    element is the position the step writes first (a new sequence starts at 0)."""
+    element is the position the step writes first (a new sequence starts at 0). A cache grown by ``torch.cat``
+    (``grown``) has neither: the compressed cache takes its place."""
 
-    buffers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    positions: torch.Tensor
+    buffers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    positions: torch.Tensor | None = None
+    grown: bool = False
 
 
 def _write(site: AttentionSite, buffer: Node) -> Node:
@@ -82,6 +88,12 @@ def own_cache_buffers(sites: list[AttentionSite]) -> OwnCache:
     Raises:
         PatternNotFound: a buffer that is not an input of the graph, or a write index computed otherwise.
     """
+    grown = [site.appended is not None for site in sites]
+    if all(grown):
+        return OwnCache(grown=True)
+    if any(grown):
+        raise PatternNotFound(f"attention site {grown.index(True)}: some layers grow their cache by torch.cat, "
+                              "others write it in place; one kind of cache per model is supported")
     buffers = []
     for site in sites:
         pair = tuple(_real(b) for b in (site.key_buffer, site.value_buffer))
@@ -121,6 +133,40 @@ def retarget_writes(graph: Graph, sites: list[AttentionSite], ctrl: Node, capaci
 
 
 _ASSERTS = (torch._assert_async, torch._assert, torch.ops.aten._assert_async.msg)
+
+
+def stand_in(token: torch.Tensor, cache: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """What a grown cache ``cat([cache, new], dim=-2)`` would be, shaped like it but holding no memory: ``token``
+    (0-d) expanded. The model keeps it and passes it back; shapes it computes from it stay right."""
+    length = new.shape[2] + (cache.shape[2] if cache is not None else 0)
+    return token.expand(new.shape[0], new.shape[1], length, new.shape[3])
+
+
+def write_appended(graph: Graph, sites: list[AttentionSite], buffers: list[tuple[Node, Node]], token: Node,
+                   ctrl: Node, capacity: int) -> None:
+    """A model whose cache grows by ``torch.cat`` (``site.appended``): its new keys and values are written into the
+    compressed cache's ``buffers`` (graph inputs, per site) at the next slots and its attention reads those buffers;
+    the grown cache the step returns becomes a :func:`stand_in` of ``token``, and the one passed back is not read."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first = min((appended_tokens(grown) for site in sites for grown in site.appended), key=order.get)
+    with graph.inserting_after(first):
+        slots = graph.call_function(next_slots, (ctrl, first, capacity))  # [T]
+    order[slots] = order[first] + 0.5
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    for site, pair in zip(sites, buffers):
+        for grown, buffer in zip(site.appended, pair):
+            tokens = appended_tokens(grown)
+            with graph.inserting_after(max(tokens, slots, key=order.get)):
+                write = graph.call_method("index_copy_", (buffer, 2, slots, tokens))
+            with graph.inserting_before(output):
+                cache = grown.args[0][0] if grown is not tokens else None
+                returned = graph.call_function(stand_in, (token, cache, tokens))
+            grown.replace_all_uses_with(returned, delete_user_cb=lambda user: user is output)
+            kept = (write, slots, returned)
+            grown.replace_all_uses_with(write, delete_user_cb=lambda user, kept=kept: user not in kept)
+            if grown is not tokens:
+                graph.erase_node(grown)
+        site.key_source, (site.key_buffer, site.value_buffer), site.write_slots = pair[0], pair, slots
 
 
 def _drop_position_checks(graph: Graph, sources: set[Node]) -> None:
