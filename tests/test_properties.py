@@ -41,7 +41,12 @@ from hypothesis import strategies as st
 from independent_reference import independent_keep_sets
 
 import triattn_compile as tc
-from triattn_compile.kernels.scoring.naive import geometric_offsets, naive_score_prerope, score_postrope
+from triattn_compile.kernels.scoring.naive import (
+    fold_query_stats,
+    geometric_offsets,
+    naive_score_prerope,
+    score_postrope,
+)
 
 VOCAB = 96
 FAMILIES = {
@@ -216,10 +221,10 @@ def library_scores(model, cache, layer: int, omega: torch.Tensor) -> torch.Tenso
     sig = stats.signature
     n = cache.occupancy()[layer]
     keys = cache.layers[layer].keys[:, :, :n]
-    return score_postrope(
-        keys, cache.tokens_seen(), stats.q_mean()[layer], stats.q_abs()[layer], omega, sig.pairing,
+    return score_postrope(keys, fold_query_stats(
+        cache.tokens_seen(), stats.q_mean()[layer], stats.q_abs()[layer], omega, sig.pairing,
         geometric_offsets(), float(sig.attention_scaling),
-    ).double()
+    )).double()
 
 
 def reference_scores(sim: Simulator, layer: int, key_positions: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from triattn_compile.kernels.scoring.naive import (
     PAIRINGS,
     aggregate_scores,
     apply_rope,
+    fold_query_stats,
     geometric_offsets,
     invert_rope,
     naive_score_prerope,
@@ -60,7 +61,8 @@ def test_postrope_scores_equal_prerope(pairing, scale, G, ablation):
         keys_pre, positions, round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation
     )
     keys_rot = apply_rope(keys_pre, positions, omega, pairing, scale).float()
-    post = score_postrope(keys_rot, round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation)
+    folded = fold_query_stats(round_start, q_mean, q_abs, omega, pairing, offsets, scale, **ablation)
+    post = score_postrope(keys_rot, folded)
     err = (post.double() - pre).abs().max() / pre.abs().max()
     assert err < REL_TOL, f"relative error {err:.2e}"
 
@@ -70,7 +72,7 @@ def test_wrong_pairing_is_detected():
     offsets = geometric_offsets()
     pre = naive_score_prerope(keys_pre, positions, 8100, q_mean, q_abs, omega, "half", offsets)
     keys_rot = apply_rope(keys_pre, positions, omega, "half").float()
-    post = score_postrope(keys_rot, 8100, q_mean, q_abs, omega, "interleaved", offsets)
+    post = score_postrope(keys_rot, fold_query_stats(8100, q_mean, q_abs, omega, "interleaved", offsets))
     assert (post.double() - pre).abs().max() / pre.abs().max() > 100 * REL_TOL
 
 
@@ -84,7 +86,8 @@ def test_keep_sets_equal_between_forms(protected, budget):
         [naive_score_prerope(k, p, 8100, qm, qa, om, "half", offsets, 1.1) for k, p, qm, qa, om in layers]
     )
     post = torch.stack([
-        score_postrope(apply_rope(k, p, om, "half", 1.1).float(), 8100, qm, qa, om, "half", offsets, 1.1)
+        score_postrope(apply_rope(k, p, om, "half", 1.1).float(),
+                       fold_query_stats(8100, qm, qa, om, "half", offsets, 1.1))
         for k, p, qm, qa, om in layers
     ])
     cand = torch.arange(pre.shape[-1]) >= protected

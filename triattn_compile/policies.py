@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from triattn_compile.config import MAX_OFFSET, NOISE
-from triattn_compile.kernels.scoring.naive import aggregate_scores, geometric_offsets, score_pass_through
+from triattn_compile.kernels.scoring.naive import (
+    aggregate_scores,
+    fold_query_stats,
+    geometric_offsets,
+    score_pass_through,
+)
 from triattn_compile.kernels.scoring.triton_kernel import score_keys
 
 
@@ -92,8 +97,9 @@ class TriAttention(Policy):
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         offsets = geometric_offsets(self.max_offset)
         raw = torch.stack([
-            score_keys(k[..., : 2 * inputs.q_mean.shape[-1]], inputs.next_position, inputs.q_mean[i], inputs.q_abs[i],
-                       inputs.omega[i], inputs.pairing, offsets, inputs.scale, self.use_trig, self.use_norm, self.mlr)
+            score_keys(k[..., : 2 * inputs.q_mean.shape[-1]], fold_query_stats(
+                inputs.next_position, inputs.q_mean[i], inputs.q_abs[i], inputs.omega[i], inputs.pairing, offsets,
+                inputs.scale, use_trig=self.use_trig, use_norm=self.use_norm, mlr=self.mlr))
             + (0 if inputs.q_pass is None else score_pass_through(k, inputs.q_pass[i]))  # partial rotary, naive.py
             for i, k in enumerate(inputs.keys)
         ])  # [L, B, H, N]

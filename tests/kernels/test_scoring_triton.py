@@ -122,9 +122,14 @@ def make_inputs(case: Case) -> dict:
     )
 
 
+def run(scorer, inputs: dict) -> torch.Tensor:
+    """``scorer(keys, folded)`` on ``inputs``: its keys, and ``naive.fold_query_stats`` of the rest."""
+    return scorer(inputs["keys_rot"], naive.fold_query_stats(**{k: v for k, v in inputs.items() if k != "keys_rot"}))
+
+
 def reference(inputs: dict) -> torch.Tensor:
     """``naive.score_postrope`` on the same key values, upcast to fp32."""
-    return naive.score_postrope(**{**inputs, "keys_rot": inputs["keys_rot"].float()})
+    return run(naive.score_postrope, {**inputs, "keys_rot": inputs["keys_rot"].float()})
 
 
 def rel_max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -150,7 +155,7 @@ def _run_interpreted_cases(out_path: str) -> None:
     from triattn_compile.kernels.scoring.triton_kernel import _is_interpreted
 
     assert _is_interpreted(), "TRITON_INTERPRET=1 did not take effect"
-    outs = {case.id: score_keys_triton_eager(**make_inputs(case)) for case in KERNEL_CASES}
+    outs = {case.id: run(score_keys_triton_eager, make_inputs(case)) for case in KERNEL_CASES}
     torch.save(outs, out_path)
 
 
@@ -174,7 +179,7 @@ def test_kernel_matches_naive(case: Case, interpreted_outputs: dict[str, torch.T
 def test_error_bound_can_fail() -> None:
     """The metric separates a wrong rotary pairing by orders of magnitude (so the bound is meaningful)."""
     inputs = make_inputs(KERNEL_CASES[2])
-    wrong = score_keys(**{**inputs, "pairing": "half"})
+    wrong = run(score_keys, {**inputs, "pairing": "half"})
     assert inputs["pairing"] == "interleaved"
     assert rel_max_err(wrong, reference(inputs)) > 1e3 * REL_ERR_BOUND
 
@@ -185,7 +190,7 @@ def test_eager_kernel_on_cpu_needs_interpreter() -> None:
     if _is_interpreted():
         pytest.skip("this process runs under TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        score_keys_triton_eager(**make_inputs(KERNEL_CASES[0]))
+        run(score_keys_triton_eager, make_inputs(KERNEL_CASES[0]))
 
 
 # -- the triattn::score_keys op ------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ def test_op_opcheck(pairing: str, dtype: str, layout: str) -> None:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in KERNEL_CASES[6:7]])
 def test_op_eager_matches_naive(case: Case) -> None:
-    check_scores(score_keys(**make_inputs(case)), make_inputs(case))
+    check_scores(run(score_keys, make_inputs(case)), make_inputs(case))
 
 
 def test_compiled_score_keys_matches_naive() -> None:
@@ -216,7 +221,7 @@ def test_compiled_score_keys_matches_naive() -> None:
 
     @torch.compile(fullgraph=True)
     def fn(keys_rot: torch.Tensor, round_start: torch.Tensor) -> torch.Tensor:
-        return score_keys(keys_rot, round_start, **static)
+        return score_keys(keys_rot, naive.fold_query_stats(round_start, **static))
 
     check_scores(fn(inputs["keys_rot"], inputs["round_start"]), inputs)
 
@@ -231,9 +236,11 @@ def test_launcher_traces_symbolically() -> None:
         pytest.skip("wrap_triton does not trace interpreted kernels")
     keys = make_inputs(KERNEL_CASES[2])["keys_rot"]
     u_re, u_im, w = torch.randn(3, 6, 32).unbind(0)
-    gm = make_fx(lambda k, a, b, c: score_keys_fwd(k, a, b, c, 1.25, "interleaved"), tracing_mode="symbolic")(
-        keys, u_re, u_im, w
-    )
+
+    def fwd(k, a, b, c):
+        return score_keys_fwd(k, naive.FoldedQuery(a, b, c, 1.25, "interleaved"))
+
+    gm = make_fx(fwd, tracing_mode="symbolic")(keys, u_re, u_im, w)
     (node,) = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert isinstance(node.kwargs["kwargs"]["N"], torch.fx.Node)
     assert all(isinstance(d, torch.fx.Node) for d in node.kwargs["grid"][0][:2])
@@ -247,19 +254,17 @@ def test_compiled_score_keys_cuda(case: Case) -> None:
     inputs = make_inputs(case)
     inputs.update({k: inputs[k].cuda() for k in ("keys_rot", "q_mean", "q_abs")})  # omega/offsets stay fp64 on CPU
     static = {k: v for k, v in inputs.items() if k != "keys_rot"}
-    fn = torch.compile(lambda keys_rot: score_keys(keys_rot, **static), fullgraph=True)
+    fn = torch.compile(lambda keys_rot: score_keys(keys_rot, naive.fold_query_stats(**static)), fullgraph=True)
     out = fn(inputs["keys_rot"])
     cpu_inputs = make_inputs(case)
     check_scores(out.cpu(), cpu_inputs)
-    check_scores(score_keys_triton_eager(**inputs).cpu(), cpu_inputs)
+    check_scores(run(score_keys_triton_eager, inputs).cpu(), cpu_inputs)
 
 
 def _compiled_score_keys_code(device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Compile a small function around ``torch.ops.triattn.score_keys`` with Inductor; return its output, the
     pure-torch expectation and the generated source (``run_and_get_code``)."""
     from torch._inductor.utils import run_and_get_code
-
-    from triattn_compile.kernels.scoring.naive import score_folded
 
     torch._dynamo.reset()
     case = Case(1, 2, 3, 100, 128, "bf16", "half", 1.25, "bnhd")
@@ -271,7 +276,8 @@ def _compiled_score_keys_code(device: str) -> tuple[torch.Tensor, torch.Tensor, 
         return torch.ops.triattn.score_keys(keys, u_re, u_im, w, case.scale, case.pairing).amax(-1)
 
     out, code = run_and_get_code(torch.compile(fn, fullgraph=True), keys, u_re, u_im, w)
-    expected = score_folded(keys.cpu(), u_re.cpu(), u_im.cpu(), w.cpu(), case.scale, case.pairing).amax(-1)
+    folded = naive.FoldedQuery(u_re.cpu(), u_im.cpu(), w.cpu(), case.scale, case.pairing)
+    expected = naive.score_postrope(keys.cpu(), folded).amax(-1)
     return out.cpu(), expected, "\n".join(code)
 
 

@@ -13,6 +13,7 @@ import triattn_compile as tc
 from triattn_compile.kernels.scoring.naive import (
     PAIRINGS,
     apply_rope,
+    fold_query_stats,
     geometric_offsets,
     naive_score_prerope,
     score_pass_through,
@@ -167,9 +168,10 @@ def test_pass_through_term_equal_in_both_forms(pairing, scale):
     pre = naive_score_prerope(keys_pre, positions, 5100, q_mean, q_abs, omega, pairing, offsets, scale, q_pass=q_pass)
     keys_rot = apply_rope(keys_pre, positions, omega, pairing, scale).float()
     assert torch.equal(keys_rot[..., 16:], keys_pre[..., 16:].float())  # pass-through dims are not rotated
-    post = score_postrope(keys_rot, 5100, q_mean, q_abs, omega, pairing, offsets, scale, q_pass=q_pass)
+    folded = fold_query_stats(5100, q_mean, q_abs, omega, pairing, offsets, scale)
+    post = score_postrope(keys_rot, folded, q_pass=q_pass)
     assert (post.double() - pre).abs().max() / pre.abs().max() < 1e-5
-    without = score_postrope(keys_rot, 5100, q_mean, q_abs, omega, pairing, offsets, scale)
+    without = score_postrope(keys_rot, folded)
     assert (post - without).abs().max() / post.abs().max() > 0.1  # the term matters
 
 

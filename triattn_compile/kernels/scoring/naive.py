@@ -7,6 +7,8 @@ This module is the test oracle and the CPU path. Two forms of the same score:
 * :func:`score_postrope` — the §1.8 form on rotated keys, no key positions. Because the score is linear in
   ``cos/sin(ω_f t)``, the mean over offsets folds into one complex weight per band and round,
   ``W_f = mean_δ exp(i ω_f (t0 + δ))``, so the trig term is a dot product of each key with a per-round vector.
+  :func:`fold_query_stats` makes those vectors once per round (a :class:`FoldedQuery`); the scorers take
+  ``(keys, folded)``.
 
 Shapes: B batch, H query heads, Hkv KV heads (G = H / Hkv), N keys, D head_dim, F rotary bands, L layers,
 P = D - 2F pass-through (non-rotary) dims.
@@ -34,6 +36,8 @@ reads ``W_UK`` off the graph).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -131,26 +135,29 @@ def offset_weights(round_start: torch.Tensor | int, omega: torch.Tensor, offsets
     return torch.polar(torch.ones_like(angle), angle).mean(0)
 
 
+@dataclass(frozen=True)
+class FoldedQuery:
+    """One round's query side of the post-RoPE score (§1.8), made by :func:`fold_query_stats`; every post-RoPE
+    scorer takes ``(keys, folded)``.
+
+    Attributes:
+        u_re / u_im: ``u = q̄ W`` (W folds the future offsets), contiguous fp32 ``[H, F]`` (zeros without S_trig).
+        w: norm weight ``E|q| - |q̄|`` (``E|q|`` without mlr), contiguous fp32 ``[H, F]`` (zeros without S_norm).
+        scale: attention scaling s. pairing: ``"half"`` or ``"interleaved"``.
+    """
+
+    u_re: torch.Tensor
+    u_im: torch.Tensor
+    w: torch.Tensor
+    scale: float
+    pairing: str
+
+    def to(self, device: torch.device | str) -> FoldedQuery:
+        """The same vectors on ``device`` (tensors already there are not copied)."""
+        return FoldedQuery(self.u_re.to(device), self.u_im.to(device), self.w.to(device), self.scale, self.pairing)
+
+
 def fold_query_stats(
-    round_start: torch.Tensor | int,
-    q_mean: torch.Tensor,
-    q_abs: torch.Tensor,
-    omega: torch.Tensor,
-    offsets: torch.Tensor,
-    use_trig: bool = True,
-    use_norm: bool = True,
-    mlr: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-round query vectors of the post-RoPE score: ``u = q̄ W`` (complex64) and ``w = E|q| - |q̄|`` (float32),
-    both ``[H, F]``; zeros for an ablated term."""
-    qm = q_mean.to(torch.complex64)
-    u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(qm.device) if use_trig else qm * 0
-    w = q_abs.float() - (qm.abs() if mlr else 0.0) if use_norm else q_abs.float() * 0
-    return u, w
-
-
-def score_postrope(
-    keys_rot: torch.Tensor,
     round_start: torch.Tensor | int,
     q_mean: torch.Tensor,
     q_abs: torch.Tensor,
@@ -158,44 +165,55 @@ def score_postrope(
     pairing: str,
     offsets: torch.Tensor,
     scale: float = 1.0,
+    *,
     use_trig: bool = True,
     use_norm: bool = True,
     mlr: bool = True,
-    q_pass: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> FoldedQuery:
+    """Fold the calibrated statistics and the future offsets into one round's :class:`FoldedQuery`.
+
+    Args:
+        round_start: absolute position of the next token (int or 0-d tensor).
+        q_mean: complex query centre q̄ ``[H, F]``. q_abs: E|q_f| ``[H, F]``. omega: rotary frequencies ``[F]``.
+        pairing: ``"half"`` or ``"interleaved"``. offsets: ``[O]`` future offsets. scale: attention scaling s.
+        use_trig / use_norm / mlr: ablations (no S_trig, no S_norm, S_norm without the (1 - R) weight).
+    Returns:
+        The folded query on ``q_mean``'s device.
+    """
+    qm = q_mean.to(torch.complex64)
+    u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(qm.device) if use_trig else qm * 0
+    w = q_abs.float() - (qm.abs() if mlr else 0.0) if use_norm else q_abs.float() * 0
+    return FoldedQuery(u.real.contiguous(), u.imag.contiguous(), w.contiguous(), float(scale), pairing)
+
+
+def score_postrope(keys_rot: torch.Tensor, folded: FoldedQuery, q_pass: torch.Tensor | None = None) -> torch.Tensor:
     """Same score as :func:`naive_score_prerope`, from rotated keys and without key positions (§1.8).
 
     ``Re(q̄ conj(k_rot) e^{iωt})`` averaged over t = round_start + δ equals ``Re(conj(k_rot) · q̄ W)``; rotated keys
-    carry the factor s once, so multiplying by s reproduces the paper's s² weighting.
+    carry the factor s once, so multiplying by s reproduces the paper's s² weighting: the score is
+    ``s·(Re(conj(k) u) + |k|·w)`` per query head. The one formula of this reference and of the CPU body of
+    ``triattn::score_keys``; the Triton kernel computes it on CUDA.
 
     The pass-through term ``q̄_pass · k_pass`` is the same in both forms (those dims are not rotated or scaled).
 
     Args:
         keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (any float dtype); the first 2F dims rotate.
+        folded: the round's query vectors (:func:`fold_query_stats`); moved to the keys' device if elsewhere.
         q_pass: mean of the pass-through query dims ``[H, D - 2F]`` (``None`` or empty: no term).
     Returns:
         ``[B, H, N]`` float32 scores.
     """
-    u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
-    u = u.to(keys_rot.device)
-    score = score_folded(keys_rot, u.real, u.imag, w.to(keys_rot.device), scale, pairing)
-    return score if q_pass is None else score + score_pass_through(keys_rot, q_pass)
-
-
-def score_folded(keys_rot: torch.Tensor, u_re: torch.Tensor, u_im: torch.Tensor, w: torch.Tensor, scale: float,
-                 pairing: str) -> torch.Tensor:
-    """The post-RoPE score of :func:`score_postrope` from the folded query vectors (``fold_query_stats``, fp32
-    ``[H, F]``): ``s·(Re(conj(k) u) + |k|·w)`` per query head, ``[B, H, N]`` float32. The one formula the CPU path
-    (``triattn::score_keys``'s torch body) and this reference share; the Triton kernel computes it on CUDA."""
     B, Hkv, N, _ = keys_rot.shape
-    H, F = u_re.shape
-    k_re, k_im = band_parts(keys_rot.float(), pairing, 2 * F)  # [B, Hkv, N, F]
+    folded = folded.to(keys_rot.device)
+    H, F = folded.u_re.shape
+    k_re, k_im = band_parts(keys_rot.float(), folded.pairing, 2 * F)  # [B, Hkv, N, F]
     k_abs = torch.sqrt(k_re * k_re + k_im * k_im)
-    u_re, u_im, w = (t.float().view(Hkv, H // Hkv, F) for t in (u_re, u_im, w))
+    u_re, u_im, w = (t.float().view(Hkv, H // Hkv, F) for t in (folded.u_re, folded.u_im, folded.w))
     # Re(conj(k) u) = k_re u_re + k_im u_im: one real matmul over the bands
     score = (torch.einsum("bhnf,hgf->bhgn", k_re, u_re) + torch.einsum("bhnf,hgf->bhgn", k_im, u_im)
              + torch.einsum("bhnf,hgf->bhgn", k_abs, w))
-    return (score * float(scale)).reshape(B, H, N)
+    score = (score * folded.scale).reshape(B, H, N)
+    return score if q_pass is None else score + score_pass_through(keys_rot, q_pass)
 
 
 def score_pass_through(keys: torch.Tensor, q_pass: torch.Tensor) -> torch.Tensor:

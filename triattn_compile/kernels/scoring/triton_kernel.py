@@ -6,10 +6,11 @@ Layers, bottom up (STYLE.md §4):
   block once, splits it into rotary bands (``half`` or ``interleaved`` pairing), and for every query head of the GQA
   group writes ``scale * sum_f (k_re u_re + k_im u_im + w |k|)`` in fp32.
 * :func:`score_keys_fwd` — host launcher (``wrap_triton(kernel)[grid](...)``), traceable: ``torch.empty`` + shape grid.
-* ``triattn::score_keys`` — ``triton_op`` whose body launches the kernel for CUDA tensors (Inductor lowers it as a
-  user-defined Triton kernel) and otherwise runs the same formula in plain torch (Inductor fuses it on CPU).
-* :func:`score_keys` — public entry point with :func:`naive.score_postrope`'s signature: folds the offsets into the
-  per-round vector ``u = q̄ W`` and the norm weight ``w = E|q| - |q̄|``, then calls the op.
+* ``triattn::score_keys`` — ``triton_op`` on tensors (the fields of a :class:`naive.FoldedQuery`) whose body launches
+  the kernel for CUDA tensors (Inductor lowers it as a user-defined Triton kernel) and otherwise runs
+  :func:`naive.score_postrope` (Inductor fuses it on CPU).
+* :func:`score_keys` — public entry point, ``(keys, folded)`` like :func:`naive.score_postrope` (the folded query from
+  :func:`naive.fold_query_stats`): calls the op.
 * :func:`score_keys_triton_eager` — same, but launches the raw kernel with no op and no compile, for tests (CPU
   tensors work under ``TRITON_INTERPRET=1``).
 
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from triattn_compile.kernels.scoring.naive import PAIRINGS, fold_query_stats, score_folded
+from triattn_compile.kernels.scoring.naive import PAIRINGS, FoldedQuery, score_postrope
 
 __all__ = ["score_keys", "score_keys_fwd", "score_keys_triton_eager"]
 
@@ -111,23 +112,16 @@ def _check_pairing(pairing: str) -> None:
         raise ValueError(f"unknown rotary pairing {pairing!r}; expected one of {PAIRINGS}")
 
 
-def score_keys_fwd(
-    keys: torch.Tensor,
-    u_re: torch.Tensor,
-    u_im: torch.Tensor,
-    w: torch.Tensor,
-    scale: float,
-    pairing: str,
-) -> torch.Tensor:
+def score_keys_fwd(keys: torch.Tensor, folded: FoldedQuery) -> torch.Tensor:
     """Launch :func:`_score_keys_fwd_kernel`.
 
     Args:
         keys: post-RoPE keys ``[B, Hkv, N, D]`` (fp32/bf16/fp16, any strides).
-        u_re / u_im / w: fp32 ``[H, F]`` (F = D / 2, H = Hkv * G). scale: multiplies the score.
-        pairing: ``"half"`` or ``"interleaved"``.
+        folded: fp32 ``[H, F]`` vectors on the keys' device (F = D / 2, H = Hkv * G), scale and pairing.
     Returns:
         ``[B, H, N]`` float32 scores.
     """
+    u_re, u_im, w, pairing = folded.u_re, folded.u_im, folded.w, folded.pairing
     _check_pairing(pairing)
     B, Hkv, N, D = keys.shape
     H, F = u_re.shape
@@ -140,7 +134,7 @@ def score_keys_fwd(
     grid = (triton.cdiv(N, block_n), B * Hkv)
     wrap_triton(_score_keys_fwd_kernel)[grid](
         keys, u_re, u_im, w, out,
-        float(scale), N, F, H // Hkv, Hkv,
+        float(folded.scale), N, F, H // Hkv, Hkv,
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         u_re.stride(0), u_re.stride(1),
         u_im.stride(0), u_im.stride(1),
@@ -159,72 +153,36 @@ def _score_keys_op(
 ) -> torch.Tensor:
     """``[B, Hkv, N, D]`` keys, fp32 ``[H, F]`` u_re/u_im/w -> fp32 ``[B, H, N]`` scores (Triton on CUDA)."""
     _check_pairing(pairing)
-    if keys.is_cuda:
-        return score_keys_fwd(keys, u_re, u_im, w, scale, pairing)
-    return score_folded(keys, u_re, u_im, w, scale, pairing)
+    folded = FoldedQuery(u_re, u_im, w, scale, pairing)
+    return score_keys_fwd(keys, folded) if keys.is_cuda else score_postrope(keys, folded)
 
 
-def _fold_query_stats(round_start, q_mean, q_abs, omega, offsets, device, use_trig, use_norm, mlr):
-    """:func:`naive.fold_query_stats` split into contiguous fp32 ``u_re, u_im, w`` ``[H, F]`` on ``device``."""
-    u, w = fold_query_stats(round_start, q_mean, q_abs, omega, offsets, use_trig, use_norm, mlr)
-    u = u.to(device)
-    return u.real.contiguous(), u.imag.contiguous(), w.to(device).contiguous()
-
-
-def score_keys(
-    keys_rot: torch.Tensor,
-    round_start: torch.Tensor | int,
-    q_mean: torch.Tensor,
-    q_abs: torch.Tensor,
-    omega: torch.Tensor,
-    pairing: str,
-    offsets: torch.Tensor,
-    scale: float = 1.0,
-    use_trig: bool = True,
-    use_norm: bool = True,
-    mlr: bool = True,
-) -> torch.Tensor:
-    """Post-RoPE TriAttention key scores via ``triattn::score_keys``; same contract as ``naive.score_postrope``.
+def score_keys(keys_rot: torch.Tensor, folded: FoldedQuery) -> torch.Tensor:
+    """Post-RoPE TriAttention key scores via ``triattn::score_keys``; same contract as ``naive.score_postrope``
+    (without its pass-through term).
 
     Args:
-        keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (fp32/bf16/fp16, any strides).
-        round_start: absolute position of the next token (int or 0-d tensor).
-        q_mean: complex query centre ``[H, F]``. q_abs: E|q_f| ``[H, F]``. omega: ``[F]`` rotary frequencies.
-        pairing: ``"half"`` or ``"interleaved"``. offsets: ``[O]`` future offsets. scale: attention scaling.
-        use_trig / use_norm / mlr: ablations, as in ``naive.score_postrope``.
+        keys_rot: post-RoPE keys as cached ``[B, Hkv, N, D]`` (fp32/bf16/fp16, any strides), D = 2F.
+        folded: the round's query vectors (``naive.fold_query_stats``); moved to the keys' device if elsewhere.
     Returns:
         ``[B, H, N]`` float32 scores (higher = more likely to be attended).
 
     Examples::
 
-        >>> from triattn_compile.kernels.scoring.naive import geometric_offsets
+        >>> from triattn_compile.kernels.scoring.naive import fold_query_stats, geometric_offsets
         >>> F = 32
         >>> keys = torch.randn(1, 2, 63, 2 * F)
         >>> q_mean = torch.randn(4, F, dtype=torch.complex64)
         >>> omega = 10000.0 ** (-torch.arange(F) / F)
-        >>> s = score_keys(keys, 100, q_mean, q_mean.abs() + 0.1, omega, "half", geometric_offsets())
+        >>> s = score_keys(keys, fold_query_stats(100, q_mean, q_mean.abs() + 0.1, omega, "half", geometric_offsets()))
         >>> s.shape
         torch.Size([1, 4, 63])
     """
-    u_re, u_im, w = _fold_query_stats(
-        round_start, q_mean, q_abs, omega, offsets, keys_rot.device, use_trig, use_norm, mlr
-    )
-    return torch.ops.triattn.score_keys(keys_rot, u_re, u_im, w, float(scale), pairing)
+    f = folded.to(keys_rot.device)
+    return torch.ops.triattn.score_keys(keys_rot, f.u_re, f.u_im, f.w, f.scale, f.pairing)
 
 
-def score_keys_triton_eager(
-    keys_rot: torch.Tensor,
-    round_start: torch.Tensor | int,
-    q_mean: torch.Tensor,
-    q_abs: torch.Tensor,
-    omega: torch.Tensor,
-    pairing: str,
-    offsets: torch.Tensor,
-    scale: float = 1.0,
-    use_trig: bool = True,
-    use_norm: bool = True,
-    mlr: bool = True,
-) -> torch.Tensor:
+def score_keys_triton_eager(keys_rot: torch.Tensor, folded: FoldedQuery) -> torch.Tensor:
     """:func:`score_keys` through the raw Triton kernel, no op and no ``torch.compile`` (for tests and debugging).
 
     Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before ``triton`` is first imported in the
@@ -232,7 +190,4 @@ def score_keys_triton_eager(
     """
     if not keys_rot.is_cuda and not _is_interpreted():
         raise RuntimeError("score_keys_triton_eager: CPU tensors need TRITON_INTERPRET=1 before triton is imported")
-    u_re, u_im, w = _fold_query_stats(
-        round_start, q_mean, q_abs, omega, offsets, keys_rot.device, use_trig, use_norm, mlr
-    )
-    return score_keys_fwd(keys_rot, u_re, u_im, w, scale, pairing)
+    return score_keys_fwd(keys_rot, folded.to(keys_rot.device))
