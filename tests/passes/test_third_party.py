@@ -3,13 +3,25 @@ calls them: upstream gpt-fast (``KVCache`` buffers written at ``input_pos``, rea
 ``repeat_interleave`` GQA) and torchtune's llama3 ``TransformerDecoder`` (``KVCache`` written at its own
 ``cache_pos`` counter, with its own bounds check; ``unsqueeze/expand/flatten`` GQA), and rasbt's LLMs-from-scratch
 Llama 3 (a cache grown by ``torch.cat`` in a caller-held object, a Python-int position counter, masked_fill
-attention), all vendored unchanged in ``tests/thirdparty/``."""
+attention), all vendored unchanged in ``tests/thirdparty/``; Meta's Llama 3 reference (plain tensor attributes
+``[B, S, Hkv, D]`` written at a Python-int ``start_pos`` by slice and read back as a slice, complex RoPE, explicit
+attention; fairscale layers swapped for ``nn.Linear``) and LitGPT's ``GPT`` (``index_copy_`` into a slice of its
+``KVCache`` buffers, read back up to ``input_pos_maxp1``, its mask indexed by position) with the minimal changes
+their headers list. Mistral's one-file reference, whose prompt attends to its new keys rather than to the cache it
+writes, is refused in one line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from thirdparty import cat_cache_model, gptfast_model, torchtune_llama3
+from thirdparty import (
+    cat_cache_model,
+    gptfast_model,
+    litgpt_model,
+    llama3_reference,
+    mistral_reference,
+    torchtune_llama3,
+)
 from torch._dynamo.utils import counters
 
 import triattn_compile as tc
@@ -162,3 +174,111 @@ def test_a_grown_cache_that_is_not_returned_is_one_line():
             model(_ids())  # no cache: the keys are neither written into one nor returned
     message = str(exc.value)
     assert "\n" not in message and "attention site 0" in message and "nor returned as a grown cache" in message
+
+
+def _meta(capacity: int) -> torch.nn.Module:
+    """Meta's reference: its KV cache is ``[max_batch_size, max_seq_len, ...]``, so ``max_seq_len`` is the capacity;
+    its RoPE table covers ``2 * max_seq_len`` positions, so a longer one is given for longer generations."""
+    torch.manual_seed(0)
+    model = llama3_reference.Transformer(llama3_reference.ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, rope_theta=10000.0,
+        max_batch_size=1, max_seq_len=capacity)).eval()
+    model.freqs_cis = llama3_reference.precompute_freqs_cis(16, 1024, 10000.0)
+    return model
+
+
+def _meta_generate(model, prompt, total):
+    """``llama/generation.py`` ``Llama.generate`` for one prompt, greedy: ``tokens`` is ``[1, total]``, the model is
+    called as ``model.forward(tokens[:, prev_pos:cur_pos], prev_pos)`` (its own cap of ``total`` at
+    ``max_seq_len`` left out: the compressed cache is what lets it generate further)."""
+    tokens = torch.zeros((1, total), dtype=torch.long)
+    tokens[0, :prompt.shape[1]] = prompt[0]
+    prev_pos = 0
+    for cur_pos in range(prompt.shape[1], total):
+        logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+        tokens[:, cur_pos] = torch.argmax(logits[:, -1], dim=-1).reshape(-1)
+        prev_pos = cur_pos
+    return tokens
+
+
+def _litgpt(capacity: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = litgpt_model.GPT(litgpt_model.Config(
+        block_size=4096, vocab_size=128, padded_vocab_size=128, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+        intermediate_size=128, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+        parallel_residual=False)).eval()
+    model.max_seq_length = 1024  # RoPE table and the longest sequence; the KV cache is set up separately
+    model.set_kv_cache(batch_size=1, max_seq_length=capacity)
+    return model
+
+
+@torch.no_grad()
+def _litgpt_generate(model, prompt, total):
+    """``litgpt/generate/base.py`` ``generate_fn``, greedy: ``model(x, input_pos, input_pos_maxp1=...)``, the
+    positions tensor advanced in place."""
+    size = prompt.shape[1]
+    token, out, input_pos, maxp1 = prompt, [prompt], torch.arange(0, size), size
+    for i in range(total - size):
+        token = model(token.view(1, -1), input_pos, input_pos_maxp1=maxp1)[0, -1].argmax().view(1)
+        out.append(token.view(1, 1))
+        if i == 0:
+            input_pos = torch.tensor([size])
+        else:
+            input_pos.add_(1)
+        maxp1 += 1
+    return torch.cat(out, 1)
+
+
+SLICED = {"meta-llama3": (_meta, _meta_generate, ("complex", "eager"), lambda m: m.layers[0].attention.cache_k),
+          "litgpt": (_litgpt, _litgpt_generate, ("partial", "sdpa"), lambda m: m.transformer.h[0].attn.kv_cache.k)}
+
+
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_cache_read_back_as_a_slice_exact_then_bounded(name):
+    """A cache written by position and read back as ``cache[:, :position + T]`` (Meta: ``[B, S, Hkv, D]`` plain
+    attributes, a Python-int ``start_pos``; LitGPT: ``[B, Hkv, S, D]`` buffers, ``input_pos_maxp1``): exact while it
+    fits, then compacted every divide_length steps; once a sequence has passed the capacity (the model's slicing
+    of its own buffer compiles a graph for positions past it), a new one compiles nothing."""
+    build, generate, (rotary, attention), own = SLICED[name]
+    budget, divide = 32, 16
+    capacity = budget + divide
+    reference = generate(build(512), _ids(), capacity)
+    model = tc.optimize(build(capacity), budget=budget, divide_length=divide, compiler="eager")
+    assert torch.equal(generate(model, _ids(), capacity), reference)
+    layout = tc.inspect(model).layout
+    assert (layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim) == (2, 4, 2, 16)
+    assert rotary in layout.layers[0].rotary_form and layout.layers[0].attention == attention
+    total = 126
+    generate(model, _ids(2), total)  # positions 0 again: a new sequence, past the capacity
+    graphs = counters["stats"]["unique_graphs"]
+    generate(model, _ids(3), total)
+    cache = tc.current_cache(model)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the warm-up"
+    assert cache.tokens_seen() == total - 1 and cache.peak_occupancy() == capacity
+    assert cache.compactions() == (total - 1 - capacity) // divide + 1
+    # the model's own buffer is the compressed storage (Meta's [B, S, Hkv, D] one seen transposed)
+    assert own(model).untyped_storage().data_ptr() == cache.layers[0].keys.untyped_storage().data_ptr()
+
+
+def test_meta_reference_cache_of_the_wrong_length_is_one_line():
+    model = tc.optimize(_meta(64), budget=32, divide_length=16, compiler="eager")
+    with pytest.raises(ValueError) as exc:
+        _meta_generate(model, _ids(), PROMPT + 1)
+    message = str(exc.value)
+    assert "\n" not in message and "[1, 64, 2, 16]" in message and "= 48 positions on its axis 1" in message
+
+
+def test_mistral_reference_whose_prompt_attends_to_its_new_keys_is_one_line():
+    """Mistral's one-file reference writes the prompt's keys into its cache but attends to the keys themselves (and a
+    decode step reads its position on the host, ``.item()``): refused at the first call, naming the site."""
+    torch.manual_seed(0)
+    model = mistral_reference.Transformer(mistral_reference.TransformerArgs(
+        dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5, vocab_size=128,
+        rope_theta=10000.0, max_seq_len=48, max_batch_size=1)).half().eval()
+    model = tc.optimize(model, budget=32, divide_length=16, compiler="eager")
+    with pytest.raises(tc.PatternNotFound) as exc:
+        with torch.no_grad():
+            model.forward(_ids(), torch.arange(0, PROMPT))
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith("attention site 0 (")
+    assert "not the cache they are written into (scatter_)" in message

@@ -23,7 +23,13 @@ from torch.fx import GraphModule
 from triattn_compile.calibration.stats import TENSOR_NAMES
 from triattn_compile.passes.discover import Layout, discover_layout
 from triattn_compile.passes.match import PatternNotFound, find_attention_sites
-from triattn_compile.passes.own_cache import OwnCache, own_cache_buffers, retarget_writes, write_appended
+from triattn_compile.passes.own_cache import (
+    OwnCache,
+    own_cache_buffers,
+    read_whole_cache,
+    retarget_writes,
+    write_appended,
+)
 from triattn_compile.passes.rewrite import (
     grouped_attention,
     insert_advance,
@@ -109,6 +115,7 @@ class TriAttentionBackend:
                 write_appended(gm.graph, sites, buffers, extra["stand_in"], ctrl, capacity)
             elif self.own:
                 retarget_writes(gm.graph, sites, ctrl, capacity)
+            read_whole_cache(gm.graph, sites)  # attention reading a leading slice of its cache reads all of it
             insert_positions(gm.graph, sites, ctrl, extra["slot_pos"])
             masks = [mask_to_occupied_slots(gm.graph, site, ctrl, extra["slot_pos"], layout.layers[site.layer].window)
                      for site in sites]

@@ -177,8 +177,9 @@ def _check_uniform(sites: list[AttentionSite]) -> None:
 
 
 def _kv_shape(site: AttentionSite) -> tuple[int, int]:
-    """``(KV heads, head_dim)``: the key before repeat_kv is ``[B, Hkv, S, D]``."""
-    return int(fake_value(site.key_source).shape[1]), int(fake_value(site.query.pre).shape[-1])
+    """``(KV heads, head_dim)``: the key before repeat_kv is ``[B, Hkv, S, D]`` (a cache laid out ``[B, S, Hkv, D]``:
+    ``site.cache_axis`` 1)."""
+    return int(fake_value(site.key_source).shape[3 - site.cache_axis]), int(fake_value(site.query.pre).shape[-1])
 
 
 def discover_layout(

@@ -28,7 +28,7 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
 MATMUL_TARGETS = (torch.matmul, operator.matmul, "matmul", torch.bmm)
 _SCALE_TARGETS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "__truediv__")
-_ADD_TARGETS = (operator.add, torch.add, "add")
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add, "add")  # iadd: `scores += mask`
 _DROPOUT = (F.dropout, "dropout")
 _SOFTCAP = (torch.tanh, "tanh")  # logit soft-capping, c * tanh(scores / c) (Gemma-2)
 _SUB_TARGETS = (operator.sub, torch.sub, "sub")
@@ -90,6 +90,9 @@ class AttentionSite:
     value_buffer: Node | None = None
     write_slots: Node | None = None  # [B, T] (or [T]) slots the new tokens were written to
     appended: tuple[Node, Node] | None = None  # a cache grown by torch.cat: the keys, values the step returns
+    cache_axis: int = 2  # axis of the positions in the cache buffers: 2 for [B, Hkv, S, D], 1 for [B, S, Hkv, D]
+    reads: tuple[Node, Node] | None = None  # the attention's key, value operands where they read a leading slice
+    # of the cache along its positions (``cache[:b, :start + T]``): the rewrite makes them read all of it
     latent: LatentKey | None = None  # multi-head latent attention: the cache holds (latent, rotary part)
     kv_dims: tuple[int, int] = (0, 0)  # last dims of the cached keys and values
 
@@ -150,12 +153,56 @@ def _cache_write(buffer: Node) -> Node | None:
     return None
 
 
-def _written(write: Node) -> tuple[Node, Node]:
-    """``(slots, new tokens)`` of a cache write; slots ``[B, T]`` or ``[T]``."""
-    if write.target is operator.setitem:  # buffer[..., slots] = values; slots the last tensor index
-        slots = [i for i in write.args[1] if isinstance(i, Node)][-1]
-        return slots, write.args[2]
+def _full(index: object) -> bool:
+    return isinstance(index, slice) and index.start is None and index.stop is None and index.step is None
+
+
+def write_position(write: Node) -> tuple[int, object]:
+    """``(axis, positions)`` of a cache write: the buffer axis the new tokens are written along and what indexes it,
+    a tensor (``buffer[:, :, positions] = new``, ``index_copy_(axis, positions, new)``, ``scatter_``) or a slice
+    (``buffer[:b, start:start + T] = new``): the last entry of a ``setitem`` index that is not a full slice."""
+    ndim = fake_value(write.args[0]).dim()
+    if write.target is not operator.setitem:
+        return write.args[1] % ndim, write.args[2]
+    index = write.args[1] if isinstance(write.args[1], tuple) else (write.args[1],)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1:]
+    axis = max((i for i, entry in enumerate(index) if not _full(entry)), default=0)
+    return axis, index[axis]
+
+
+def _written(write: Node) -> tuple[Node | None, Node]:
+    """``(slots, new tokens)`` of a cache write; slots ``[B, T]`` or ``[T]`` (``None`` for a slice ``start:stop``)."""
+    position = write_position(write)[1]
+    if write.target is operator.setitem:  # buffer[..., slots] = values
+        return (position if isinstance(position, Node) else None), write.args[2]
     return walk_to_buffer(write.args[2]), write.args[3]  # scatter_: back through [:, None, :, None].expand
+
+
+def _leading_slice(node: object) -> bool:
+    """``x[:a, :b]``, ``x[..., :n, :]``: keeps a leading part of some axes (no new axes, no steps)."""
+    if not _is(node, operator.getitem):
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is Ellipsis or (isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1))
+               for i in index) and not all(i is Ellipsis or _full(i) for i in index)
+
+
+def cache_read(operand: Node) -> tuple[Node, bool]:
+    """From an attention key/value operand back through repeat_kv (and leading slices) to the cache tensor it reads:
+    ``(that tensor, whether the read is a leading slice of it)``, as ``cache[:b, :start + T]`` (Meta's reference) or
+    ``cache[..., :input_pos_maxp1, :]`` (LitGPT) attend to the positions written so far. Where no cache write is
+    above the operand: ``(walk_to_buffer(operand), False)``."""
+    node, sliced = operand, False
+    while _cache_write(node) is None:
+        if _is_layout(node):
+            node = node.args[0]
+        elif _leading_slice(node):
+            node, sliced = node.args[0], True
+        else:
+            return walk_to_buffer(operand), False
+    return node, sliced
 
 
 def _is(node: object, *targets) -> bool:
@@ -313,9 +360,17 @@ def _grown_cache(operand: Node, returned: set[Node], where: str) -> Node:
     """For a model whose cache grows by ``torch.cat``, found from an attention key or value operand: the cache is
     what the step returns (for the caller to pass back). Walking back through repeat_kv, the first returned tensor
     is ``cat([cache, new], dim=-2)``, or the new tokens themselves (the cache was empty)."""
-    node = operand
+    node, chain = operand, [operand]
     while node not in returned and _is_layout(node):
         node = node.args[0]
+        chain.append(node)
+    written = next(((n, u) for n in chain for u in n.users
+                    if _is(u, *_WRITES) and n in (*u.args[2:], *u.kwargs.values())), None)
+    if node not in returned and written is not None:
+        raise PatternNotFound(
+            f"{where}: the attention reads the new keys/values ({written[0].name}) themselves, not the cache they are "
+            f"written into ({written[1].name}); attention must read the cache it writes, in every step (the prompt "
+            "too)")
     if node not in returned:
         raise PatternNotFound(
             f"{where}: keys/values are not written in place into a cache, nor returned as a grown cache; the model "
@@ -348,18 +403,20 @@ def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False)
                 f"{where}: no rotary embedding recognised on the query (node {q_post.name}); "
                 f"supported forms: {', '.join(ROTARY_FORM_NAMES)}"
             )
-        key_source = walk_to_buffer(k_arg)
+        key_source, key_sliced = cache_read(k_arg)
         latent = None if _cache_write(key_source) else _latent_key(key_source, query)
         site = AttentionSite(
             len(sites), module_of(node), node, query, head_axis, latent.rotary if latent else key_source, form,
             softmax, mask_add, latent=latent,
         )
         if need_cache:
+            value_sliced = False
             if latent is not None:
                 latent.latent = _cache_buffer_above(latent.projection)
                 kw, vw = _cache_write(latent.latent) if latent.latent else None, _cache_write(latent.rotary)
             else:
-                kw, vw = _cache_write(key_source), _cache_write(walk_to_buffer(v_arg))
+                value_source, value_sliced = cache_read(v_arg)
+                kw, vw = _cache_write(key_source), _cache_write(value_source)
             if (kw is None or vw is None) and appended and latent is None:
                 site.appended = (_grown_cache(k_arg, returned, where), _grown_cache(v_arg, returned, where))
                 new_keys, new_values = map(appended_tokens, site.appended)
@@ -373,6 +430,13 @@ def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False)
                 site.key_buffer, site.value_buffer = kw.args[0], vw.args[0]
                 site.write_slots, new_keys = _written(kw)
                 new_values = _written(vw)[1]
+                site.cache_axis = write_position(kw)[0] if latent is None else 2
+                if latent is None and (site.cache_axis not in (1, 2) or fake_value(site.key_buffer).dim() != 4):
+                    raise PatternNotFound(f"{where}: its cache is written along axis {site.cache_axis} of a "
+                                          f"{fake_value(site.key_buffer).dim()}-D buffer; expected the positions "
+                                          "axis of a [B, Hkv, S, D] or [B, S, Hkv, D] buffer")
+                if key_sliced or value_sliced:
+                    site.reads = (k_arg, v_arg)
             site.kv_dims = (int(fake_value(new_keys).shape[-1]), int(fake_value(new_values).shape[-1]))
             rotated = new_values if latent else new_keys  # a latent cache keeps the rotated key as its "values"
             k_post = _walk_layout(rotated, head_axis=1)[0]

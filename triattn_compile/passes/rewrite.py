@@ -117,7 +117,8 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     return kv_mask
 
 
-_INDEXING = {operator.getitem, "view", "reshape", "expand", "to", "contiguous", "unsqueeze", "bool"}
+_INDEXING = {operator.getitem, "view", "reshape", "expand", "to", "contiguous", "unsqueeze", "bool", torch.index_select,
+             "index_select"}
 
 
 def erase_unused_indexing(graph: Graph, node: object) -> None:
@@ -154,8 +155,8 @@ def _sdpa_operands(site: AttentionSite) -> list:
 def _grouped(site: AttentionSite) -> bool:
     """Whether the site's SDPA can read the cache buffers directly (:func:`grouped_attention`): its key and value
     walk back (through repeat_kv) to ``[B, Hkv, C, D]`` tensors whose Hkv divides the query heads."""
-    if site.latent is not None:  # the key is assembled from the cache, not read from it
-        return False
+    if site.latent is not None or site.cache_axis != 2:  # the key is assembled from the cache, or laid out
+        return False  # [B, S, Hkv, D]
     query_node, key_node, value_node = _sdpa_operands(site)[:3]
     query, key = fake_value(query_node), fake_value(key_node)
     k, v = fake_value(site.key_source), fake_value(walk_to_buffer(value_node))
@@ -229,7 +230,7 @@ def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: N
     for site, visible in zip(sites, masks):
         scale = site.attn.kwargs.get("scale")
         with graph.inserting_before(site.attn):
-            graph.call_function(
-                ACCUMULATE_ATTENTION,
-                (_query_operand(site), site.key_buffer, acc, visible, site.layer, scale),
-            )
+            keys = site.key_buffer  # [B, Hkv, C, D]; a cache laid out [B, C, Hkv, D] is read transposed
+            if site.cache_axis == 1:
+                keys = graph.call_method("transpose", (keys, 1, 2))
+            graph.call_function(ACCUMULATE_ATTENTION, (_query_operand(site), keys, acc, visible, site.layer, scale))
