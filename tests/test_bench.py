@@ -32,6 +32,7 @@ def interleaved() -> tuple[torch.nn.Module, torch.Tensor, list[Run]]:
     return model, ids, runs
 
 
+@pytest.mark.slow
 def test_lockstep_decodes_equal_sequential_ones(interleaved) -> None:
     model, ids, together = interleaved
     steps = STEPS
@@ -104,6 +105,7 @@ def test_flatness_is_timed_against_the_twin_when_there_is_one() -> None:
     assert flat(targets([full, drifting]))["met"] == "NO"
 
 
+@pytest.mark.slow
 def test_feeding_a_context_compacts_as_decoding_it_does() -> None:
     """``_feed`` gives an optimized model at most its free slots per call, so after N tokens its cache holds the
     same positions as after decoding the N tokens one by one (scoring needs no live query)."""
@@ -126,6 +128,7 @@ def test_feeding_a_context_compacts_as_decoding_it_does() -> None:
     assert torch.equal(kept(chunked), kept(one_by_one))
 
 
+@pytest.mark.slow
 def test_context_latency_and_serving_rows() -> None:
     from triattn_compile.bench import context_latency, serving
 

@@ -10,6 +10,8 @@ import triattn_compile as tc
 from triattn_compile import schedule
 from triattn_compile.loading import chat_ids, load_model
 
+pytestmark = pytest.mark.slow
+
 PROMPT = (
     "Write a detailed travel guide to an imaginary island nation: its history, its five regions, their food, "
     "festivals, wildlife and the best routes between them. Be thorough and keep going."
@@ -51,11 +53,12 @@ def test_budget_256_long_generation(smollm2):
     full = _greedy(model, ids, 500)[ids.shape[1] :]
     tc.optimize(model, budget=256)
     try:
-        out = _greedy(model, ids, 2000)[ids.shape[1] :]
+        out = _greedy(model, ids, 1000)[ids.shape[1] :]
         cache = tc.current_cache(model)
-        assert out.numel() == 2000
+        assert out.numel() == 1000
         assert cache.peak_occupancy() <= 384 and max(cache.occupancy()) <= 384
-        assert cache.compactions() >= 13
+        fed = ids.shape[1] + 1000 - 1  # generate() feeds the prompt, then every new token but the last
+        assert cache.compactions() == (fed - 384) // 128 + 1  # every 128 steps once 384 tokens are held
     finally:
         tc.restore(model)
         torch._dynamo.reset()

@@ -93,6 +93,7 @@ def test_exact_while_fitting_then_bounded_through_compactions(name):
     assert own is cache.layers[0].keys  # the model's own buffer is the compressed storage
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_gptfast_two_thousand_tokens_under_inductor_at_budget_128():
     """Budget 128 (prompt not protected), 2,000 generated tokens, Inductor: a compaction every 128 steps once 256
@@ -159,6 +160,7 @@ def test_cache_grown_by_cat_exact_while_fitting_then_bounded_through_compactions
     assert cache.compactions() == (PROMPT + 200 - capacity) // divide + 1
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_cache_grown_by_cat_two_thousand_tokens_at_budget_128():
     model = tc.optimize(_cat_model(), budget=128, protect_prompt=False, compiler="eager")
