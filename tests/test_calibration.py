@@ -16,7 +16,7 @@ import triattn_compile as tc
 @pytest.fixture
 def stats_file(tmp_path):
     path = tmp_path / "stats.safetensors"
-    tc.calibrate(tiny_llama(), torch.randint(0, 128, (700,)), chunk_size=256).save(path)
+    tc.calibrate(tiny_llama(), torch.randint(0, 128, (700,))).save(path)
     return path
 
 
@@ -26,7 +26,7 @@ def _signature(model) -> tc.RotarySignature:
 
 def test_roundtrip_and_metadata(stats_file):
     model = tiny_llama()
-    stats = tc.calibrate(model, torch.randint(0, 128, (700,)), chunk_size=256)
+    stats = tc.calibrate(model, torch.randint(0, 128, (700,)))
     assert stats.tokens() == 700
     loaded = tc.QueryStats.load(stats_file, stats.signature)
     assert loaded.tokens() == 700
@@ -36,6 +36,7 @@ def test_roundtrip_and_metadata(stats_file):
         (n,) = struct.unpack("<Q", fh.read(8))
         meta = json.loads(fh.read(n))["__metadata__"]
     assert meta["pairing"] == "half" and meta["num_kv_heads"] == "2" and meta["tokens"] == "700"
+    assert (meta["documents"], meta["contexts"], meta["context_length"]) == ("1", "1", "8192")
 
 
 def test_offline_stats_drive_optimize(stats_file):
@@ -126,3 +127,149 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stats.save(tmp_path / "s.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def _docs(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=g) for n in lengths]
+
+
+def _pooled(*parts: tc.QueryStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-weighted means of several runs' statistics (q̄, E|q|)."""
+    n = sum(p.count for p in parts)[:, None, None]
+    return (sum(p.q_mean() * p.count[:, None, None] for p in parts) / n,
+            sum(p.q_abs() * p.count[:, None, None] for p in parts) / n)
+
+
+def _close(stats: tc.QueryStats, q_mean: torch.Tensor, q_abs: torch.Tensor, rtol: float = 1e-5) -> bool:
+    rel = max(((stats.q_mean() - q_mean).norm() / q_mean.norm()).item(), ((stats.q_abs() - q_abs).norm() /
+                                                                           q_abs.norm()).item())
+    return rel <= rtol
+
+
+def test_documents_are_separate_contexts_never_joined():
+    model = tiny_llama()
+    a, b = _docs(300, 200)
+    both = tc.calibrate(model, [a, b])
+    assert both.tokens() == 500 and both.report.documents == 2 and both.report.contexts == 2
+    assert _close(both, *_pooled(tc.calibrate(model, a), tc.calibrate(model, b)))
+    joined = tc.calibrate(model, torch.cat([a, b]))
+    assert not _close(joined, both.q_mean(), both.q_abs(), rtol=1e-3)  # b's queries see a in the joined text
+
+
+def test_memory_chunks_equal_one_pass():
+    model = tiny_llama()
+    docs = _docs(700, 130, 1)
+    whole = tc.calibrate(model, docs)
+    for chunk in (128, 64):
+        chunked = tc.calibrate(model, docs, memory_chunk=chunk)
+        report = chunked.report
+        assert report.cache_carried and report.tokens_per_pass == chunk and report.contexts == 3
+        assert report.forward_passes == -(-700 // chunk) + -(-130 // chunk) + 1
+        assert _close(chunked, whole.q_mean(), whole.q_abs())
+
+
+def test_long_document_runs_as_consecutive_contexts():
+    model = tiny_llama()
+    (doc,) = _docs(600)
+    stats = tc.calibrate(model, doc, context_length=256)
+    report = stats.report
+    assert (report.contexts, report.split_documents, report.longest_context) == (3, 1, 256)
+    assert "split into consecutive contexts" in report.describe()
+    windows = tc.calibrate(model, list(doc.split(256)))  # three documents (each its own context)
+    assert _close(stats, windows.q_mean(), windows.q_abs())
+    assert not _close(stats, *_pooled(tc.calibrate(model, doc)), rtol=1e-3)
+
+
+def test_default_context_is_the_models():
+    model = tiny_llama()
+    model.config.max_position_embeddings = 100
+    stats = tc.calibrate(model, _docs(250))
+    assert (stats.report.context_length, stats.report.contexts) == (100, 3)
+
+
+def _one_line(exc) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("ids, kwargs, says", [
+    (torch.zeros(2, 50, dtype=torch.long), {}, "list of 1-D tensors"),
+    (torch.zeros(50), {}, "integer token ids"),
+    ([], {}, "no documents"),
+    ([torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=torch.long)], {}, "document 1 is empty"),
+    (torch.zeros(1, dtype=torch.long), {}, "at least 2 tokens"),
+    (torch.zeros(50, dtype=torch.long), {"context_length": 0}, "positive number of tokens"),
+    (torch.zeros(50, dtype=torch.long), {"context_length": 10_000}, "use at most 8192"),
+    (torch.zeros(50, dtype=torch.long), {"memory_chunk": 0}, "positive number of tokens per forward pass"),
+])
+def test_bad_input_is_one_line(ids, kwargs, says):
+    with pytest.raises(ValueError) as exc:
+        tc.calibrate(tiny_llama(), ids, **kwargs)
+    assert says in _one_line(exc)
+
+
+class _PlainDecoder(torch.nn.Module):
+    """A decoder without a config: called with ``past_key_values`` and positions (the plain PyTorch convention)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=False):
+        return self.inner(input_ids=input_ids, position_ids=position_ids, cache=past_key_values, use_cache=use_cache)
+
+
+def test_model_without_a_context_length_needs_one():
+    model = _PlainDecoder(tiny_llama())
+    doc = _docs(40)[0]
+    with pytest.raises(ValueError) as exc:
+        tc.calibrate(model, doc)
+    assert "pass context_length=" in _one_line(exc)
+    whole = tc.calibrate(model, doc, context_length=40)
+    assert whole.report.contexts == 1 and _close(whole, *_pooled(tc.calibrate(model.inner, doc)))
+    chunked = tc.calibrate(model, doc, context_length=40, memory_chunk=16)  # a cache without a config
+    assert chunked.report.cache_carried and _close(chunked, whole.q_mean(), whole.q_abs())
+
+
+class _ByteTokenizer:
+    """Token ids = bytes of the text modulo the tiny vocabulary."""
+
+    def __call__(self, text, return_tensors=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]], dtype=torch.long))
+
+
+def test_cli_one_document_per_file_and_says_what_it_did(tmp_path, monkeypatch, capsys):
+    import triattn_compile.loading as loading
+    from triattn_compile.cli import main
+
+    monkeypatch.setattr(loading, "load_model", lambda source, dtype: (tiny_llama(), _ByteTokenizer()))
+    files = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    for f, n in zip(files, (300, 100, 50)):
+        f.write_text("x" * n)
+    out = tmp_path / "s.safetensors"
+    args = ["calibrate", "--text", *map(str, files), "--tokens", "350", "--context-length", "256", "--out", str(out)]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["tokens"], result["documents"], result["contexts"], result["split_documents"]) == (350, 2, 3, 1)
+    assert result["cut at --tokens"] == [f"{files[1]} (first 50 of 100 tokens)"]
+    assert result["left out by --tokens"] == [str(files[2])]
+    assert tc.QueryStats.load(out, tc.discover(tiny_llama()).signature).tokens() == 350
+    assert main([*args, "--memory-chunk", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated on: 350 tokens from 2 documents in 3 continuous contexts" in text
+    assert "carrying each context's KV cache" in text
+
+
+def test_cli_empty_file_is_one_line_error(tmp_path, monkeypatch, capsys):
+    import triattn_compile.loading as loading
+    from triattn_compile.cli import main
+
+    monkeypatch.setattr(loading, "load_model", lambda source, dtype: (tiny_llama(), _ByteTokenizer()))
+    (tmp_path / "empty.txt").write_text("")
+    code = main(["calibrate", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "s.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "holds no text" in err

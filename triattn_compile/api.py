@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import inspect as _inspect
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from triattn_compile.cache import CACHE_KEYWORDS, CompressedCache, cache_keyword, query_positions
+from triattn_compile.calibration.contexts import CalibrationReport, as_documents, context_length_of, plan_contexts
 from triattn_compile.calibration.stats import TENSOR_NAMES, QueryStats
 from triattn_compile.config import BUDGET, DIVIDE_LENGTH, TriAttentionConfig
 from triattn_compile.own_forward import OwnCacheForward
@@ -51,7 +53,7 @@ def _run_traced(fn, *args) -> None:
     try:
         with torch.no_grad():
             fn(*args)
-    except Discovered:
+    except (Discovered, torch.OutOfMemoryError):
         raise
     except Exception as exc:  # dynamo wraps backend errors
         cause = exc
@@ -232,44 +234,118 @@ def _left_padding(mask, batch: int, length: int) -> list[int]:
 
 def calibrate(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    chunk_size: int = 1024,
+    input_ids: torch.Tensor | Sequence[torch.Tensor],
+    context_length: int | None = None,
+    memory_chunk: int | None = None,
     progress: bool = False,
 ) -> QueryStats:
-    """Offline statistics: run ``model`` over ``input_ids`` ``[N]`` (any plain text, tokenized) and capture every
-    pre-RoPE query through the graph pass. Chunks of ``chunk_size`` tokens run without a cache.
+    """Offline statistics as the paper's calibration tool makes them: every pre-RoPE query of a forward pass over
+    each document, captured through the graph pass, pooled over all tokens.
 
+    Each document is one continuous context (as one pass over the whole text), unless it is longer than
+    ``context_length``: it is then run as consecutive contexts of that length. Documents are never joined.
+
+    Args:
+        model: a plain decoder called as ``model(input_ids=..., position_ids=..., <cache>=...)`` (not optimized).
+        input_ids: one document's token ids ``[N]`` (or ``[1, N]``), or a list of them, one per document.
+        context_length: the most tokens one context holds; default the model's ``max_position_embeddings``.
+            ``context_length=1024`` reproduces this project's earlier default (independent 1,024-token chunks: no
+            query sees more than 1,023 tokens before it), which is *not* the paper's procedure.
+        memory_chunk: run each context in forward passes of at most this many tokens that carry the KV cache (a
+            transformers ``DynamicCache``): less memory, the same statistics as one pass. Default: one pass per
+            context.
+        progress: show a progress bar.
     Returns:
-        :class:`QueryStats`; ``.save(path)`` writes the file that ``optimize(model, stats=path)`` reads.
+        :class:`QueryStats` (``.save(path)`` writes the file ``optimize(model, stats=path)`` reads); its
+        ``.report`` (:class:`~triattn_compile.calibration.contexts.CalibrationReport`) says what was run.
 
     Examples::
 
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        triattn_compile.calibrate(model, ids).save("stats.safetensors")
+        docs = [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
+        stats = triattn_compile.calibrate(model, docs)
+        print(stats.report.describe())  # tokens, documents, contexts, tokens per pass
+        stats.save("stats.safetensors")
     """
     if _find(model) is not None:
         raise ValueError("calibrate() needs the plain model, not one returned by optimize()")
-    ids = torch.as_tensor(input_ids).reshape(-1)
-    if ids.numel() < 2:
-        raise ValueError("calibration needs at least 2 tokens of text")
+    documents = as_documents(input_ids)
+    context_length = context_length_of(model, context_length)
+    if memory_chunk is not None and (isinstance(memory_chunk, bool) or not isinstance(memory_chunk, int)
+                                     or memory_chunk < 1):
+        raise ValueError(f"memory_chunk={memory_chunk!r}: give a positive number of tokens per forward pass, or None "
+                         "for one pass per context")
     layout = discover(model)
     device = next(model.parameters()).device
     stats = QueryStats(layout.signature, device)
     backend = TriAttentionBackend("calibrate", input_names=TENSOR_NAMES, layout=layout, capture=True,
                                   model_config=getattr(model, "config", None), budget=BUDGET, compiler="eager")
-    fn = torch.compile(isolated_step(), backend=backend, fullgraph=True)
+    fn = torch.compile(isolated_step(), backend=backend, fullgraph=True, dynamic=True)
     # only queries are needed: a transformers LM head need not project every position onto the vocabulary
     accepts = _inspect.signature(model.forward).parameters
     only_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-    chunks = list(ids.to(device).split(chunk_size))
+    contexts, split = plan_contexts(documents, context_length)
+    total = sum(c.ids.numel() for c in contexts)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        chunks = tqdm(chunks, desc="calibrating", unit="chunk")
-    for chunk in chunks:
-        _run_traced(fn, model.forward, stats.tensors(), (), {"input_ids": chunk[None], "use_cache": False,
-                                                             **only_last})
+        bar = tqdm(total=total, desc="calibrating", unit="tok")
+    sizes, carried = [], False
+    # a cache as long as the pass (the second memory chunk) would otherwise be its own graph
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        for context in contexts:
+            ran = _run_context(fn, model, stats, context.ids.to(device), memory_chunk, only_last, bar)
+            sizes += ran
+            carried |= len(ran) > 1
+    if bar is not None:
+        bar.close()
+    if not bool((stats.count == total).all()):  # e.g. a step that ran without the capture op
+        raise RuntimeError(f"calibration captured {stats.count.tolist()} queries per layer, expected {total}")
+    stats.report = CalibrationReport(
+        tokens=total, documents=len(documents), contexts=len(contexts), split_documents=split,
+        context_length=context_length, longest_context=max(c.ids.numel() for c in contexts),
+        forward_passes=len(sizes), tokens_per_pass=max(sizes), cache_carried=carried,
+    )
+    log.info("calibrated on %s", stats.report.describe())
     return stats
+
+
+def _run_context(fn, model: nn.Module, stats: QueryStats, ids: torch.Tensor, memory_chunk: int | None,
+                 only_last: dict, bar) -> list[int]:
+    """Run one continuous context ``ids`` ``[n]``: one pass, or passes of ``memory_chunk`` tokens that carry a
+    ``DynamicCache``. Returns the tokens of each pass."""
+    step = ids.numel() if memory_chunk is None else memory_chunk
+    cache = _calibration_cache(model) if step < ids.numel() else None
+    sizes = []
+    for start in range(0, ids.numel(), step):
+        chunk = ids[None, start : start + step].clone()  # no view: its offset would be guarded on
+        # positions given, not left to the model's arange: the pass's length then stays symbolic (one graph)
+        positions = torch.arange(start, start + chunk.shape[1], device=ids.device)[None]
+        kwargs = {"input_ids": chunk, "position_ids": positions, "use_cache": cache is not None, **only_last}
+        if cache is not None:
+            kwargs[cache_keyword(model.forward)] = cache
+        try:
+            _run_traced(fn, model.forward, stats.tensors(), (), kwargs)
+        except torch.OutOfMemoryError:
+            raise ValueError(
+                f"out of memory in a forward pass of {chunk.shape[1]} tokens: pass memory_chunk="
+                f"{max(1, chunk.shape[1] // 4)} or less (the KV cache is carried: the statistics stay the same)"
+            ) from None
+        sizes.append(chunk.shape[1])
+        if bar is not None:
+            bar.update(chunk.shape[1])
+    return sizes
+
+
+def _calibration_cache(model: nn.Module):
+    """An empty transformers ``DynamicCache`` for a context run in several passes."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=config) if config is not None else DynamicCache()
+    except Exception:  # a config that is not a transformers one: layers are created as they are written
+        return DynamicCache()
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -34,12 +34,36 @@ def _calibrate(args: argparse.Namespace) -> dict:
     import triattn_compile as tc
     from triattn_compile.loading import load_model
 
+    if args.tokens < 2:
+        raise ValueError(f"--tokens {args.tokens}: calibration needs at least 2 tokens")
+    missing = [p for p in args.text if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"--text {' '.join(missing)}: no such file")
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    text = "\n\n".join(Path(p).read_text(errors="replace") for p in args.text)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.tokens]
-    stats = tc.calibrate(model, ids, chunk_size=args.chunk_size, progress=not args.json)
+    documents, cut, left_out = [], [], []
+    room = args.tokens
+    for path in args.text:  # one document per file, never joined: each is its own context
+        if room <= 0:
+            left_out.append(str(path))
+            continue
+        ids = tokenizer(Path(path).read_text(errors="replace"), return_tensors="pt").input_ids[0]
+        if ids.numel() == 0:
+            raise ValueError(f"--text {path} holds no text: drop it")
+        if ids.numel() > room:
+            cut.append(f"{path} (first {room} of {ids.numel()} tokens)")
+        documents.append(ids[:room])
+        room -= documents[-1].numel()
+    stats = tc.calibrate(model, documents, context_length=args.context_length, memory_chunk=args.memory_chunk,
+                         progress=not args.json)
     stats.save(args.out)
-    return {"out": str(args.out), "tokens": stats.tokens(), "signature": stats.signature.__dict__}
+    report = stats.report
+    result = {"out": str(args.out), "calibrated on": report.describe(), **report.as_dict()}
+    if cut:
+        result["cut at --tokens"] = cut
+    if left_out:
+        result["left out by --tokens"] = left_out
+    result["signature"] = stats.signature.__dict__
+    return result
 
 
 class _ProgressStreamer:
@@ -172,9 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="capture pre-RoPE query statistics from plain text into a stats file")
     cal.add_argument("--model", default=None, help=model_help)
-    cal.add_argument("--text", nargs="+", required=True, help="plain-text files to calibrate on (any domain)")
-    cal.add_argument("--tokens", type=int, default=50_000, help="use at most this many tokens of the text")
-    cal.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward pass")
+    cal.add_argument("--text", nargs="+", required=True,
+                     help="plain-text files to calibrate on (any domain); each file is one document, run as one "
+                          "continuous context (as the paper's tool does), never joined to another")
+    cal.add_argument("--tokens", type=int, default=50_000,
+                     help="use at most this many tokens in all (files in order; the last one used is cut)")
+    cal.add_argument("--context-length", type=int, default=None,
+                     help="most tokens in one context (default: the model's max_position_embeddings); a longer file "
+                          "is run as consecutive contexts of this length. 1024 gives this tool's former default "
+                          "(independent 1,024-token chunks), which is not the paper's procedure")
+    cal.add_argument("--memory-chunk", type=int, default=None,
+                     help="run each context in forward passes of at most this many tokens that carry the KV cache "
+                          "(less memory, the same statistics; default: one pass per context)")
     cal.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     cal.set_defaults(run=_calibrate)
 

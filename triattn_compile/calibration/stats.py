@@ -8,7 +8,8 @@ as running sums so that online calibration (the capture op adds every live query
 
 File format ``triattn-stats/2``: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``),
 ``q_pass_mean`` (float32 ``[L, H, head_dim - rotary_dim]``) and string metadata (``format``, layer/head counts,
-head_dim, rotary_dim, rotary_start, pairing, rope fingerprint, attention scaling, tokens). ``triattn-stats/1`` files
+head_dim, rotary_dim, rotary_start, pairing, rope fingerprint, attention scaling, tokens; from offline calibration
+also ``documents``, ``contexts`` and ``context_length``, which loading does not need). ``triattn-stats/1`` files
 (no ``q_pass_mean``) still load for fully rotary models.
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from triattn_compile.calibration.contexts import CalibrationReport
 
 FORMAT = "triattn-stats/2"
 _FORMATS_FULLY_ROTARY = (FORMAT, "triattn-stats/1")  # version 1 lacks q_pass_mean, which is empty there
@@ -85,6 +88,7 @@ class QueryStats:
         self.sum_abs = torch.zeros(L, H, F, dtype=torch.float64, device=device)
         self.count = torch.zeros(L, dtype=torch.float64, device=device)
         self.sum_pass = torch.zeros(L, H, signature.num_pass, dtype=torch.float64, device=device)
+        self.report: CalibrationReport | None = None  # what offline calibrate() did (None: online or loaded)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state tensors, in the order the custom ops take them (:data:`TENSOR_NAMES`)."""
@@ -121,6 +125,9 @@ class QueryStats:
         }
         meta = {k: str(v) for k, v in asdict(self.signature).items()}
         meta.update(format=FORMAT, tokens=str(self.tokens()))
+        if self.report is not None:
+            meta.update(documents=str(self.report.documents), contexts=str(self.report.contexts),
+                        context_length=str(self.report.context_length))
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name, suffix=".tmp")
         os.close(fd)
         try:
