@@ -162,11 +162,28 @@ def test_cache_grown_by_cat_exact_while_fitting_then_bounded_through_compactions
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_cache_grown_by_cat_two_thousand_tokens_at_budget_128():
-    model = tc.optimize(_cat_model(), budget=128, protect_prompt=False, compiler="eager")
+def test_cache_grown_by_cat_two_thousand_tokens_under_inductor_at_budget_128():
+    model = tc.optimize(_cat_model(), budget=128, protect_prompt=False)
+    _cat_greedy(model, 20, _ids())  # warm-up: prefill and decode graphs
+    graphs = counters["stats"]["unique_graphs"]
     _cat_greedy(model, 2000, _ids(3))
     cache = tc.current_cache(model)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the warm-up"
     assert cache.compactions() == (PROMPT + 2000 - 256) // 128 + 1 and cache.peak_occupancy() == 256
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_torchtune_two_thousand_tokens_at_budget_128():
+    capacity = 256
+    model = tc.optimize(_torchtune(capacity), budget=128, protect_prompt=False, compiler="eager")
+    _greedy(model, _torchtune_step, capacity, 20, _ids())  # warm-up: prefill and decode graphs
+    graphs = counters["stats"]["unique_graphs"]
+    model.reset_caches()
+    _greedy(model, _torchtune_step, capacity, 2000, _ids(3))
+    cache = tc.current_cache(model)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the warm-up"
+    assert cache.compactions() == (PROMPT + 2000 - capacity) // 128 + 1 and cache.peak_occupancy() == capacity
 
 
 def test_a_grown_cache_that_is_not_returned_is_one_line():
