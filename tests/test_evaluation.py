@@ -117,7 +117,19 @@ def test_paired_difference_and_resume(tmp_path):
     assert mean == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
     assert report.paired_difference(per_token, "b", "triattention", 64, ["doc"]) is None
 
-    from triattn_compile.evaluation.harness import _resumable_rows
+    full = {"full|doc": base, "streamingllm|64|doc": base + 1.0}
+    closed = report.gap_closed({**per_token, **full, "a|64|doc": base + 0.25}, "a", 64, ["doc"])
+    assert closed == pytest.approx((0.75, 0.75, 0.75))
+    assert report.gap_closed(per_token, "a", 64, ["doc"]) is None  # no full-attention tokens: no ratio
+
+    from triattn_compile.evaluation.harness import _resumable_rows, policy_from_spec
+
+    policy = policy_from_spec("triattention-diverse/penalty=0.5,window=64@stdlib-code:4096")
+    assert (policy.name, policy.penalty, policy.window) == ("triattention-diverse", 0.5, 64)
+    with pytest.raises(ValueError, match="has no option mix"):
+        policy_from_spec("triattention-recent/mix=1")
+    with pytest.raises(ValueError, match="not key=value"):
+        policy_from_spec("triattention-recent/window")
 
     cfg = EvalConfig(out=tmp_path, policies=("triattention", "snapkv"), budgets=(64, 128))
     rows = [{"policy": "snapkv", "budget": 64}, {"policy": "h2o", "budget": 64}]
@@ -125,3 +137,28 @@ def test_paired_difference_and_resume(tmp_path):
     done, earlier = _resumable_rows(cfg, "k")
     assert list(done) == [("snapkv", 64)] and earlier["previous_s"] == 5.0
     assert _resumable_rows(cfg, "other inputs") == ({}, {})
+
+
+def test_merge_runs_unions_cells_and_refuses_other_inputs(tmp_path):
+    from triattn_compile.evaluation.harness import merge_runs
+
+    base = torch.randn(256, generator=torch.Generator().manual_seed(1))
+    for name, budget in (("a", 64), ("b", 128)):
+        res = _result()
+        res["rows"] = [r for r in res["rows"] if r["budget"] == budget]
+        res.update(key="k", complete=True)
+        res["config"].update(policies=["triattention", "snapkv"], budgets=[budget])
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+        torch.save({"key": "k", "full|doc": base, f"triattention|{budget}|doc": base + budget / 64,
+                    f"snapkv|{budget}|doc": base}, tmp_path / name / "per_token.pt")
+    merged = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert [(r["policy"], r["budget"]) for r in merged["rows"]] == [
+        ("triattention", 64), ("snapkv", 64), ("triattention", 128), ("snapkv", 128)]
+    assert merged["config"]["budgets"] == [64, 128] and merged["timing"]["total_s"] == 120
+    text = (tmp_path / "m" / "results.md").read_text()
+    assert "-2.000 [-2.000, -2.000]" in text  # snapkv - triattention at B=128, from the second run's tokens
+    other = json.loads((tmp_path / "b" / "results.json").read_text())
+    (tmp_path / "b" / "results.json").write_text(json.dumps({**other, "key": "other"}))
+    with pytest.raises(ValueError, match="scored different inputs"):
+        merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "m")

@@ -21,11 +21,15 @@ from triattn_compile.policies import (
     SnapKV,
     StreamingLLM,
     TriAttention,
+    TriAttentionDiverse,
+    TriAttentionRecent,
+    TriAttentionValueNorm,
     make_policy,
 )
 
 
-def synthetic(L=2, B=1, Hkv=2, G=2, N=40, D=8, W=8, seed=0, start=100, protected=0) -> CompactionInputs:
+def synthetic(L=2, B=1, Hkv=2, G=2, N=40, D=8, W=8, seed=0, start=100, protected=0, budget=24
+              ) -> CompactionInputs:
     g = torch.Generator().manual_seed(seed)
     F = D // 2
     q_mean = torch.complex(torch.randn(L, Hkv * G, F, generator=g), torch.randn(L, Hkv * G, F, generator=g))
@@ -42,6 +46,8 @@ def synthetic(L=2, B=1, Hkv=2, G=2, N=40, D=8, W=8, seed=0, start=100, protected
         scale=1.0,
         queries=torch.randn(L, B, Hkv * G, W, D, generator=g),
         attention=torch.rand(L, B, Hkv, N, generator=g),
+        values=[torch.randn(B, Hkv, N, D, generator=g) * torch.rand(1, Hkv, N, 1, generator=g) for _ in range(L)],
+        budget=budget,
     )
 
 
@@ -84,6 +90,7 @@ def ref_redundancy(keys: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
+                             "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -252,6 +259,56 @@ def test_accumulated_attention_after_compaction():
         q = cache.queries[layer][:, :, -4:]
         got = (cache.attention[layer] - before[layer])[..., :20].double()
         torch.testing.assert_close(got, manual_attention_mass(q, keys, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_recent_variant_keeps_window_and_sinks_and_ranks_the_rest_like_triattention():
+    inp = synthetic(N=40, start=0, budget=24)
+    base = TriAttention(noise=0.0).scores(inp)
+    got = TriAttentionRecent(window=8, sinks=4, noise=0.0).scores(inp)
+    assert torch.isinf(got[..., :4]).all() and torch.isinf(got[..., -8:]).all()
+    assert torch.equal(got[..., 4:-8], base[..., 4:-8])
+    assert torch.isinf(TriAttentionRecent(window=100, sinks=0, noise=0.0).scores(inp)).sum() == 2 * 12  # budget // 2
+    later = synthetic(N=40, start=500)  # sinks already evicted never come back
+    assert torch.isinf(TriAttentionRecent(window=8, sinks=4, noise=0.0).scores(later)).sum() == 2 * 8
+
+
+def ref_greedy_diverse(scores: torch.Tensor, values: list[torch.Tensor], keep: int, penalty: float,
+                       protected: set) -> list[list[int]]:
+    """Per KV head: the slots the greedy picks, from the prose (cosine of layer-concatenated unit values / L)."""
+    Hkv, N = scores.shape[-2:]
+    out = []
+    for h in range(Hkv):
+        units = [[v[0, h, n].double() / v[0, h, n].double().norm() for v in values] for n in range(N)]
+        sim = [[sum(float(a @ b) for a, b in zip(units[i], units[j])) / len(values) for j in range(N)]
+               for i in range(N)]
+        chosen = sorted(protected)
+        while len(chosen) < keep:
+            gains = {i: float(scores[0, 0, h, i]) - penalty * max([0.0] + [sim[i][j] for j in chosen])
+                     for i in range(N) if i not in chosen}
+            chosen.append(max(gains, key=gains.get))
+        out.append(sorted(chosen))
+    return out
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.7, 5.0])
+def test_diverse_variant_matches_loop_reference(penalty):
+    inp = synthetic(N=30, protected=2, budget=12)
+    got = TriAttentionDiverse(penalty=penalty, noise=0.0).scores(inp)  # [1, B, Hkv, N]
+    idx = keep_slots(got, inp.num_protected, 0, inp.budget)
+    base = TriAttention(noise=0.0).scores(inp)
+    want = ref_greedy_diverse(base, inp.values, inp.budget, penalty, {0, 1})
+    assert idx[0, 0].tolist() == want
+    plain = keep_slots(base, inp.num_protected, 0, inp.budget)[0, 0].tolist()
+    assert (want == plain) == (penalty == 0.0)  # no penalty: TriAttention's own keep set
+
+
+def test_value_norm_variant_adds_layer_mean_of_zscored_log_norms():
+    inp = synthetic(protected=3)
+    got = TriAttentionValueNorm(weight=0.5, noise=0.0).scores(inp)
+    logn = torch.stack([v.double().norm(dim=-1).log() for v in inp.values])[..., 3:]  # [L, B, Hkv, N - 3]
+    z = (logn - logn.mean(-1, keepdim=True)) / logn.std(-1, unbiased=False, keepdim=True)
+    want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.5 * z.mean(0)
+    torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_policy_runs_the_schedule():

@@ -21,6 +21,7 @@ from triattn_compile.kernels.scoring.naive import (
     fold_query_stats,
     geometric_offsets,
     score_pass_through,
+    zscore,
 )
 from triattn_compile.kernels.scoring.triton_kernel import score_keys
 
@@ -42,6 +43,8 @@ class CompactionInputs:
     queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries (query_window > 0)
     attention: torch.Tensor | None = None  # [L, B, Hkv, N] accumulated attention (accumulate_attention)
     q_pass: torch.Tensor | list | None = None  # [L, H, P]: mean of the pass-through query dims (MLA: folded [H, R])
+    values: list[torch.Tensor] | None = None  # per layer: occupied values [B, Hkv, N, Dv]
+    budget: int = 0  # slots kept per KV head after this compaction
 
     @property
     def num_kv_heads(self) -> int:
@@ -132,6 +135,102 @@ class TriAttentionNoMLR(TriAttention):
 
     mlr: bool = False
     name: str = "triattention-no-mlr"
+
+
+# -- beyond the paper: variants over TriAttention's scores (docs/quality.md, "Beyond the paper") -------------------
+def protect_recent(scores: torch.Tensor, inputs: CompactionInputs, window: int, sinks: int) -> torch.Tensor:
+    """``scores`` ``[X, B, Hkv, N]`` with the ``window`` most recent slots and the first ``sinks`` positions of the
+    sequence set to +inf (kept whatever their score)."""
+    pos = inputs.positions[: scores.shape[0]] if scores.shape[0] == 1 else inputs.positions
+    keep = (pos >= inputs.next_position - window) | (pos < sinks)
+    return scores.masked_fill(keep, torch.inf)
+
+
+def value_similarity(values: list[torch.Tensor], per_layer: bool) -> torch.Tensor:
+    """Cosine similarity of every pair of cached values, ``[L, B, Hkv, N, N]`` (``per_layer``) or averaged over
+    the layers, ``[1, B, Hkv, N, N]``."""
+    unit = [F.normalize(v.float(), dim=-1) for v in values]
+    if per_layer:
+        return torch.stack([u @ u.transpose(-1, -2) for u in unit])
+    joint = torch.cat(unit, -1) / math.sqrt(len(unit))  # one matmul: the mean over layers of the cosines
+    return (joint @ joint.transpose(-1, -2))[None]
+
+
+def greedy_diverse(scores: torch.Tensor, similarity: torch.Tensor, keep: int, penalty: float) -> torch.Tensor:
+    """Redundancy-penalized greedy selection (maximal marginal relevance) over ``scores`` ``[X, B, Hkv, N]``.
+
+    The slots scored +inf (protected) are taken first; then, ``keep`` times, the slot with the highest
+    ``score - penalty * max_{j kept} similarity(slot, j)``. Returns scores whose top ``keep`` are the chosen slots
+    (in choice order), so :func:`~triattn_compile.kernels.compact.keep_slots` keeps exactly them.
+    """
+    n = scores.shape[-1]
+    chosen = torch.isinf(scores) & (scores > 0)
+    fixed = chosen.float().unsqueeze(-1)
+    redundancy = (similarity * fixed.transpose(-1, -2)).amax(-1)  # most similar kept slot; 0 when none is kept
+    redundancy = torch.where(chosen.any(-1, keepdim=True), redundancy, torch.zeros_like(redundancy))
+    base = torch.where(chosen, torch.zeros_like(scores), scores)
+    rank = torch.where(chosen, torch.full_like(scores, 2.0 * n), torch.full_like(scores, -torch.inf))
+    for step in range(int(keep - chosen.sum(-1).min())):
+        gain = (base - penalty * redundancy).masked_fill(chosen, -torch.inf)
+        best = gain.argmax(-1, keepdim=True)  # [X, B, Hkv, 1]
+        fresh = ~chosen.gather(-1, best)
+        rank.scatter_(-1, best, torch.where(fresh, float(n - step), 2.0 * n))
+        chosen.scatter_(-1, best, True)
+        row = similarity.gather(-2, best.unsqueeze(-1).expand(*best.shape, n)).squeeze(-2)
+        redundancy = torch.maximum(redundancy, row)
+    return rank
+
+
+@dataclass
+class TriAttentionRecent(TriAttention):
+    """(a) TriAttention with a protected recency window and attention sinks: the ``window`` most recent tokens
+    (at most half the budget) and the first ``sinks`` positions are always kept; the official vLLM runtime keeps
+    128 recent tokens, the paper's HF runs none (TRIATTENTION.md §2)."""
+
+    window: int = 128
+    sinks: int = 4
+    name: str = "triattention-recent"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        window = min(self.window, inputs.budget // 2)
+        return protect_recent(super().scores(inputs), inputs, window, self.sinks)
+
+
+@dataclass
+class TriAttentionDiverse(TriAttention):
+    """(b) Redundancy-aware selection on top of TriAttention's scores: greedy, each next slot maximising its
+    aggregated z-score minus ``penalty`` times its largest value-space cosine similarity to a slot already kept
+    (layer-averaged for a shared keep set), after the recency window and sinks of (a)."""
+
+    penalty: float = 1.0
+    window: int = 0
+    sinks: int = 0
+    name: str = "triattention-diverse"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        scored = protect_recent(super().scores(inputs), inputs, min(self.window, inputs.budget // 2), self.sinks)
+        scored = scored.masked_fill(~inputs.candidates(), torch.inf)  # the protected prompt is kept: it covers too
+        similarity = value_similarity(inputs.values, self.per_layer)
+        return greedy_diverse(scored, similarity, inputs.budget, self.penalty)
+
+
+@dataclass
+class TriAttentionValueNorm(TriAttention):
+    """(c) TriAttention's expected logit plus what the token would contribute if attended: ``weight`` times the
+    z-scored log value norm (per layer and KV head over the competing slots, averaged over layers like the score),
+    after the recency window and sinks of (a)."""
+
+    weight: float = 0.5
+    window: int = 0
+    sinks: int = 0
+    name: str = "triattention-vnorm"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        norms = torch.stack([v.float().norm(dim=-1).clamp_min(1e-6).log() for v in inputs.values])  # [L, B, Hkv, N]
+        z = zscore(norms, inputs.candidates())
+        bonus = z if self.per_layer else z.mean(0, keepdim=True)
+        scored = super().scores(inputs) + self.weight * bonus
+        return protect_recent(scored, inputs, min(self.window, inputs.budget // 2), self.sinks)
 
 
 @dataclass
@@ -267,8 +366,8 @@ class RandomPolicy(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, StreamingLLM, SnapKV, RKV,
-                H2O, RandomPolicy)
+    for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
+                TriAttentionDiverse, TriAttentionValueNorm, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
 }
 
 

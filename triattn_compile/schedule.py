@@ -159,4 +159,6 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
         scale=float(layout.attention_scaling),
         queries=queries.roll(-start, -1) if queries is not None and start else queries,
         attention=None if cache.attention is None else pick(cache.attention)[:, rows, :, :used],
+        values=[cache.layers[i].values[rows, :, :used] for i in layers],
+        budget=cache.budget,
     )

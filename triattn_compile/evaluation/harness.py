@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from triattn_compile.evaluation import agreement, documents, nll, report, retrieval
-from triattn_compile.policies import POLICIES, CompactionInputs, Policy, TriAttention, make_policy
+from triattn_compile.policies import POLICIES, CompactionInputs, Policy, TriAttention
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class EvalConfig:
     probe_filler: str = "Apache-2.0"
     filler_tokens: int = 900
     facts: int = 4
+    probe_seeds: tuple[int, ...] = (0,)  # one retrieval probe (its facts and codes) per seed
     calibration: str = "pydoc-topics"  # a calibration text (documents.calibration_text) or "online"
     calibration_tokens: int = 16384
     stats: str | None = None  # a ready stats file instead of calibrating
@@ -79,6 +80,8 @@ class EvalConfig:
         unknown = [p for p in self.policies if parse_spec(p)[0] not in POLICIES]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+        for spec in self.policies:
+            policy_from_spec(spec)  # options checked before a long run
         if min(self.budgets) < 8:
             raise ValueError("budgets must be >= 8 (SnapKV and R-KV keep an 8-token window)")
         first = self.first_scored()
@@ -94,16 +97,42 @@ class EvalConfig:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, int | None]:
-    """``NAME[@CALIBRATION[:TOKENS]]`` -> (policy name, calibration or None for the run's default, tokens or None).
+    """``NAME[/OPTIONS][@CALIBRATION[:TOKENS]]`` -> (policy name, calibration or None for the run's default, tokens
+    or None).
 
     ``triattention@stdlib-code``, ``triattention@online``, ``triattention@pydoc-topics:4096``: the calibration
-    study, in the same grid as everything else.
+    study, in the same grid as everything else. ``/OPTIONS`` (``policy_options``) sets a TriAttention policy's
+    fields, e.g. ``triattention-diverse/penalty=0.5,window=64``.
     """
     name, _, calibration = spec.partition("@")
+    name = name.partition("/")[0]
     if not calibration:
         return name, None, None
     text, _, tokens = calibration.partition(":")
     return name, text, int(tokens) if tokens else None
+
+
+def policy_options(spec: str) -> dict[str, float]:
+    """The ``key=value`` fields after ``/`` in a policy spec (numbers; ``per_layer=1`` for flags)."""
+    options = spec.partition("@")[0].partition("/")[2]
+    out = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy option {item!r} in {spec!r} is not key=value: write e.g. "
+                             "triattention-diverse/penalty=0.5")
+        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def policy_from_spec(spec: str) -> Policy:
+    """The policy a spec names, with its ``/OPTIONS``; an unknown option is an error."""
+    cls, options = POLICIES[parse_spec(spec)[0]], policy_options(spec)
+    unknown = set(options) - set(getattr(cls, "__dataclass_fields__", {}))
+    if unknown:
+        raise ValueError(f"{spec}: {cls.__name__} has no option {', '.join(sorted(unknown))}; see its docstring in "
+                         "triattn_compile/policies.py")
+    return cls(**options)
 
 
 def _triattention_like(name: str) -> bool:
@@ -156,7 +185,7 @@ def _reset_online_stats(model) -> None:
 def _run_policy(cfg: EvalConfig, model, switch: PolicySwitch, spec: str, budget: int, docs: dict, full_docs: dict,
                 probes: list, bar) -> dict:
     """One (policy, budget) cell: NLL and top-1 agreement on every document, then the probes."""
-    switch.inner = make_policy(parse_spec(spec)[0])
+    switch.inner = policy_from_spec(spec)
     if hasattr(switch.inner, "seed"):
         switch.inner.seed = cfg.seed
     first, div = cfg.first_scored(), cfg.divide_for(budget)
@@ -175,14 +204,23 @@ def _run_policy(cfg: EvalConfig, model, switch: PolicySwitch, spec: str, budget:
             continue
         _reset_online_stats(model)
         row[key], row[f"{key}_compressed"] = score(nll.teacher_force(model, seq, True, progress=bar)), True
+    _merge_retrieval(row)
     row["seconds"] = time.perf_counter() - t0
     return row
 
 
-def _fingerprint(cfg: EvalConfig, docs: dict, prompt: torch.Tensor, probe: torch.Tensor) -> str:
+def _merge_retrieval(row: dict) -> None:
+    """``retrieval``: the fraction of facts recalled over every probe seed (``retrieval@SEED``, kept as well)."""
+    seeds = [k for k in row if k.startswith("retrieval@") and not k.endswith("_compressed")]
+    if seeds:
+        row["retrieval"] = sum(row[k] for k in seeds) / len(seeds)
+        row["retrieval_compressed"] = any(row[f"{k}_compressed"] for k in seeds)
+
+
+def _fingerprint(cfg: EvalConfig, docs: dict, prompt: torch.Tensor, probes: list[torch.Tensor]) -> str:
     """What the full-attention references and every finished cell depend on (besides the policy and budget)."""
     h = hashlib.sha256()
-    for t in (*docs.values(), prompt, probe):
+    for t in (*docs.values(), prompt, *probes):
         h.update(t.numpy().tobytes())
     h.update(repr((cfg.model, cfg.count_from, cfg.continuation_tokens, cfg.probes, cfg.divide_length, cfg.seed,
                    cfg.calibration, cfg.calibration_tokens, cfg.stats, cfg.compiler)).encode())
@@ -203,13 +241,14 @@ def _resumable_rows(cfg: EvalConfig, key: str) -> tuple[dict, dict]:
     return done, {"free_greedy_check": old.get("free_greedy_check"), "previous_s": old["timing"]["total_s"]}
 
 
-def _write(cfg: EvalConfig, result: dict, start: float, key: str) -> None:
+def _write(cfg: EvalConfig, result: dict, start: float, key: str, full: dict[str, torch.Tensor]) -> None:
     """Write ``results.json``/``.md``/``quality.png`` and ``per_token.pt`` (per-token NLL of every cell, for paired
     confidence intervals) after every cell, so that an interrupted run keeps its work."""
     path = cfg.out / "per_token.pt"
     per_token = torch.load(path) if path.exists() else {}
     if per_token.get("key") != key:
         per_token = {"key": key}
+    per_token.update({f"full|{d}": t for d, t in full.items()})
     for row in result["rows"]:
         for d, t in row.pop("_per_token", {}).items():
             per_token[f"{row['policy']}|{row['budget']}|{d}"] = t
@@ -220,6 +259,33 @@ def _write(cfg: EvalConfig, result: dict, start: float, key: str) -> None:
     (cfg.out / "results.json").write_text(json.dumps(result, indent=1))
     (cfg.out / "results.md").write_text(report.markdown(result, per_token))
     report.plot(result, cfg.out / "quality.png")
+
+
+def merge_runs(runs: list[Path], out: Path) -> dict:
+    """One report from grids run in parallel (same inputs and ``--count-from``, different policies or budgets):
+    the union of their cells and per-token NLLs, written into ``out`` like a single run."""
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    if len({r["key"] for r in results}) != 1:
+        raise ValueError("these runs scored different inputs (documents, probes, settings or --count-from differ): "
+                         "only runs of the same command with other --policies/--budgets can be merged")
+    per_token: dict = {}
+    for run in runs:
+        per_token.update(torch.load(run / "per_token.pt"))
+    merged = dict(results[0])
+    merged["rows"] = list({(r["policy"], r["budget"]): r for res in results for r in res["rows"]}.values())
+    policies = list(dict.fromkeys(p for r in results for p in r["config"]["policies"]))
+    budgets = sorted({b for r in results for b in r["config"]["budgets"]})
+    merged["config"] = {**merged["config"], "policies": policies, "budgets": budgets, "out": str(out)}
+    merged["rows"].sort(key=lambda r: (budgets.index(r["budget"]), policies.index(r["policy"])))
+    merged["complete"] = all(r["complete"] for r in results)
+    merged["timing"] = {**merged["timing"], "total_s": sum(r["timing"]["total_s"] for r in results),
+                        "merged_from": [str(run) for run in runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(per_token, out / "per_token.pt")
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    (out / "results.md").write_text(report.markdown(merged, per_token))
+    report.plot(merged, out / "quality.png")
+    return merged
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -240,13 +306,15 @@ def run_eval(cfg: EvalConfig) -> dict:
                                 f"document {cfg.continuation_document}")
     filler = documents.tokenize(tokenizer, documents.document_text(cfg.probe_filler), cfg.filler_tokens,
                                 f"document {cfg.probe_filler}")
-    probe = retrieval.build_probe(tokenizer, filler, cfg.facts, cfg.seed, multiple=cfg.divide_length)
+    probe_of = {seed: retrieval.build_probe(tokenizer, filler, cfg.facts, seed, multiple=cfg.divide_length)
+                for seed in cfg.probe_seeds}
+    probe = probe_of[cfg.probe_seeds[0]]
     first = cfg.first_scored()
     timing: dict[str, float] = {}
 
     # -- full attention: the unoptimized model (cached in ``out``, keyed by every token it depends on) -----------
     t0 = time.perf_counter()
-    key = _fingerprint(cfg, docs, prompt, probe.ids)
+    key = _fingerprint(cfg, docs, prompt, [p.ids for p in probe_of.values()])
     cache_file = cfg.out / "full-attention.pt"
     saved = None
     if cache_file.exists():
@@ -255,17 +323,22 @@ def run_eval(cfg: EvalConfig) -> dict:
     if saved is None or saved["key"] != key:
         saved = {"key": key, "docs": {d: nll.teacher_force(model, ids, compressed=False) for d, ids in docs.items()},
                  "cont_ids": prompt, "cont": None, "probe": None}
-        if cfg.probes:
+        if cfg.probes and cfg.continuation_tokens:
             saved["cont_ids"] = torch.cat([prompt, agreement.greedy_continuation(model, prompt,
                                                                                  cfg.continuation_tokens)])
             saved["cont"] = nll.teacher_force(model, saved["cont_ids"], compressed=False)
-            saved["probe"] = nll.teacher_force(model, probe.ids, compressed=False)
+        if cfg.probes:
+            saved["probe"] = {s: nll.teacher_force(model, p.ids, compressed=False) for s, p in probe_of.items()}
         torch.save(saved, cache_file)
     full_docs, cont_ids, full_cont, full_probe = saved["docs"], saved["cont_ids"], saved["cont"], saved["probe"]
     full = {"nll": {d: f.nll[first - 1:].mean().item() for d, f in full_docs.items()}}
-    if cfg.probes:
+    full_per_token = {d: f.nll[first - 1:].float() for d, f in full_docs.items()}
+    if cfg.probes and cfg.continuation_tokens:
         full["continuation"] = agreement.continuation_agreement(full_cont, cfg.prompt_tokens)
-        full["retrieval"] = retrieval.recall(full_probe, probe)
+    if cfg.probes:
+        for seed, p in probe_of.items():
+            full[f"retrieval@{seed}"] = retrieval.recall(full_probe[seed], p)
+        full["retrieval"] = sum(full[f"retrieval@{s}"] for s in probe_of) / len(probe_of)
     timing["full_attention_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -273,8 +346,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     timing["calibration_s"] = time.perf_counter() - t0
 
     probes = [] if not cfg.probes else [
-        ("continuation", cont_ids, full_cont, lambda f: agreement.continuation_agreement(f, cfg.prompt_tokens)),
-        ("retrieval", probe.ids, full_probe, lambda f: retrieval.recall(f, probe)),
+        *[("continuation", cont_ids, full_cont, lambda f: agreement.continuation_agreement(f, cfg.prompt_tokens))
+          for _ in range(cfg.continuation_tokens > 0)],
+        *[(f"retrieval@{seed}", p.ids, full_probe[seed], lambda f, p=p: retrieval.recall(f, p))
+          for seed, p in probe_of.items()],
     ]
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -291,6 +366,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "continuation_length": int(cont_ids.numel()),
         "probe_length": int(probe.ids.numel()),
         "probe_facts": probe.facts,
+        "probe_facts_by_seed": {str(s): p.facts for s, p in probe_of.items()},
         "full": full,
         "rows": [],
         "free_greedy_check": None,
@@ -327,22 +403,25 @@ def run_eval(cfg: EvalConfig) -> dict:
                         result["free_greedy_check"] = {"policy": spec, "budget": budget,
                                                        "teacher_forced": limit - 1, "free_greedy": free}
                     result["rows"].append(row)
-                    _write(cfg, result, start, key)
+                    _write(cfg, result, start, key, full_per_token)
             finally:
                 tc.restore(model)
                 torch._dynamo.reset()
     bar.close()
     result["complete"] = True
-    _write(cfg, result, start, key)
+    _write(cfg, result, start, key, full_per_token)
     return result
 
 
 def _run(args: argparse.Namespace) -> dict:
+    if args.merge:
+        merged = merge_runs(args.merge, args.out)
+        return {"out": str(args.out), "table": str(args.out / "results.md"), "cells": len(merged["rows"])}
     cfg = EvalConfig(
         out=args.out, model=args.model, documents=tuple(args.documents), doc_tokens=args.doc_tokens,
         count_from=args.count_from, policies=tuple(args.policies), budgets=tuple(args.budgets),
         prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
-        filler_tokens=args.filler_tokens,
+        filler_tokens=args.filler_tokens, probe_seeds=tuple(args.probe_seeds),
         calibration=args.calibration, calibration_tokens=args.calibration_tokens, stats=args.stats, seed=args.seed,
         threads=args.threads, compiler=args.compiler, progress=not args.json, probes=not args.no_probes,
     )
@@ -365,22 +444,28 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="first scored position (default: largest budget + 128, so every budget has compressed)")
     p.add_argument("--policies", nargs="+", default=list(d.policies),
                    help=f"from: {', '.join(POLICIES)}; NAME@CALIBRATION[:TOKENS] runs TriAttention with other "
-                   "statistics (e.g. triattention@stdlib-code, triattention@online)")
+                   "statistics (e.g. triattention@stdlib-code, triattention@online); NAME/KEY=VALUE,... sets a "
+                   "TriAttention policy's options (e.g. triattention-diverse/penalty=0.5)")
     p.add_argument("--budgets", nargs="+", type=int, default=list(d.budgets), help="KV budgets per KV head")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
                    help="prompt (start of the continuation document) before the greedy continuation")
     p.add_argument("--continuation-tokens", type=int, default=d.continuation_tokens,
-                   help="length of the full-attention greedy continuation")
+                   help="length of the full-attention greedy continuation (0: no continuation probe)")
     p.add_argument("--filler-tokens", type=int, default=d.filler_tokens, help="filler between facts and questions")
     p.add_argument("--calibration", default=d.calibration,
                    help="TriAttention statistics from: pydoc-topics (prose), stdlib-code, a text file, or online")
     p.add_argument("--calibration-tokens", type=int, default=d.calibration_tokens, help="calibration length")
     p.add_argument("--stats", default=None, help="a stats file from `triattn calibrate` (skips calibration)")
     p.add_argument("--no-probes", action="store_true", help="documents only (skip continuation and retrieval)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed (probe facts, random policy)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (random policy, tie-break noise)")
+    p.add_argument("--probe-seeds", nargs="+", type=int, default=list(d.probe_seeds),
+                   help="one retrieval probe per seed (its facts and codes); recall is over all of them")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument("--compiler", choices=("eager", "inductor"), default=d.compiler, help="backend after the pass")
     p.add_argument("--out", type=Path, default=d.out, help="output folder (results.json, results.md, quality.png)")
     p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN",
+                   help="instead of running: merge the output folders of runs of one grid split by --policies or "
+                   "--budgets (same --count-from) into --out")
     p.set_defaults(run=_run)
     return p

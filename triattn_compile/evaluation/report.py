@@ -34,7 +34,8 @@ def _table(result: dict, value, full_value, fmt: str, mark=None) -> str:
 
 def _probe_tables(result: dict, uncompressed: set) -> list[str]:
     full, cfg = result["full"], result["config"]
-    return [
+    seeds = len(cfg.get("probe_seeds") or [0])
+    continuation = [
         f"## Greedy continuation ({cfg['continuation_tokens']} tokens by full attention after a "
         f"{cfg['prompt_tokens']}-token prompt of `{result['sources']['continuation_prompt']}`)",
         "",
@@ -49,8 +50,11 @@ def _probe_tables(result: dict, uncompressed: set) -> list[str]:
         _table(result, lambda r: r["continuation"]["first_divergence"], full["continuation"]["first_divergence"], "d",
                mark=lambda p, b: (p, b, "continuation") in uncompressed),
         "",
+    ]
+    recall = [
         f"## Retrieval probe ({len(result['probe_facts'])} facts, then {cfg['filler_tokens']} tokens of "
-        f"`{result['sources']['probe_filler']}`, then the questions; {result['probe_length']} tokens)",
+        f"`{result['sources']['probe_filler']}`, then the questions; {result['probe_length']} tokens; "
+        f"{seeds} seed(s), {seeds * len(result['probe_facts'])} facts in all)",
         "",
         "Fraction of facts recalled exactly (* = never compacted):",
         "",
@@ -58,6 +62,7 @@ def _probe_tables(result: dict, uncompressed: set) -> list[str]:
                mark=lambda p, b: (p, b, "retrieval") in uncompressed),
         "",
     ]
+    return (continuation if "continuation" in full else []) + (recall if "retrieval" in full else [])
 
 
 def paired_difference(per_token: dict, a: str, b: str, budget: int, docs: list[str], block: int = 128,
@@ -68,12 +73,46 @@ def paired_difference(per_token: dict, a: str, b: str, budget: int, docs: list[s
     if not all(ka in per_token and kb in per_token for ka, kb in keys):
         return None
     diff = torch.cat([per_token[ka].double() - per_token[kb].double() for ka, kb in keys])
-    n = diff.numel() // block * block
-    blocks = diff[:n].view(-1, block).mean(1)
+    blocks = _blocks(diff, block)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, blocks.numel(), (resamples, blocks.numel()), generator=gen)
     means = blocks[idx].mean(1)
     return diff.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def _blocks(diff: torch.Tensor, block: int) -> torch.Tensor:
+    n = diff.numel() // block * block
+    return diff[:n].view(-1, block).mean(1)
+
+
+def gap_closed(per_token: dict, policy: str, budget: int, docs: list[str], reference: str = "streamingllm",
+               block: int = 128, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """Fraction of ``reference``'s NLL gap to full attention that ``policy`` closes at ``budget`` over ``docs``,
+    ``(NLL_ref - NLL_policy) / (NLL_ref - NLL_full)``, with a 95% block-bootstrap interval (numerator and
+    denominator resampled on the same blocks). Needs the per-token NLL of full attention (``full|DOC``)."""
+    keys = [(f"{reference}|{budget}|{d}", f"{policy}|{budget}|{d}", f"full|{d}") for d in docs]
+    if not all(k in per_token for ks in keys for k in ks):
+        return None
+    ref, pol, full = (torch.cat([per_token[ks[i]].double() for ks in keys]) for i in range(3))
+    gain, gap = _blocks(ref - pol, block), _blocks(ref - full, block)
+    idx = torch.randint(0, gain.numel(), (resamples, gain.numel()), generator=torch.Generator().manual_seed(seed))
+    ratios = gain[idx].mean(1) / gap[idx].mean(1)
+    return (gain.mean() / gap.mean()).item(), ratios.quantile(0.025).item(), ratios.quantile(0.975).item()
+
+
+def _gap_table(result: dict, per_token: dict, reference: str = "streamingllm") -> str | None:
+    from tabulate import tabulate
+
+    policies, budgets, _ = _grid(result, lambda r: 0)
+    docs = list(result["full"]["nll"])
+    rows = []
+    for p in policies:
+        cells = [gap_closed(per_token, p, b, docs, reference) for b in budgets]
+        if p != reference and any(c is not None for c in cells):
+            rows.append([p, *["" if c is None else f"{c[0]:+.0%} [{c[1]:+.0%}, {c[2]:+.0%}]" for c in cells]])
+    if not rows:
+        return None
+    return tabulate(rows, headers=["policy", *[f"B={b}" for b in budgets]], tablefmt="github", disable_numparse=True)
 
 
 def _paired_table(result: dict, per_token: dict, reference: str) -> str | None:
@@ -122,12 +161,15 @@ def markdown(result: dict, per_token: dict | None = None) -> str:
         "## Per document NLL",
         "",
     ]
-    if "continuation" in result["rows"][0]:
-        out[-2:-2] = _probe_tables(result, uncompressed)
+    out[-2:-2] = _probe_tables(result, uncompressed)
     paired = _paired_table(result, per_token or {}, "triattention")
     if paired:
         out[-2:-2] = ["## NLL difference to TriAttention, same tokens (95% block-bootstrap interval; > 0: TriAttention "
                       "better)", "", paired, ""]
+    gaps = _gap_table(result, per_token or {})
+    if gaps:
+        out[-2:-2] = ["## Share of StreamingLLM's NLL gap to full attention closed, same tokens (95% block-bootstrap "
+                      "interval; 100%: as good as full attention, 0%: as StreamingLLM)", "", gaps, ""]
     for d in docs:
         out += [f"`{d}`:", "", _table(result, lambda r, d=d: r["nll"][d], full["nll"][d], ".4f"), ""]
     if result.get("free_greedy_check"):
@@ -156,12 +198,11 @@ def plot(result: dict, path: Path) -> None:
         ("teacher-forced NLL (lower is better)", lambda r: mean(r["nll"].values()), mean(full["nll"].values())),
         ("top-1 agreement with full (documents)", lambda r: mean(r["top1_agreement"].values()), 1.0),
     ]
-    if "continuation" in result["rows"][0]:
-        panels += [
-            ("greedy continuation agreement", lambda r: r["continuation"]["agreement"],
-             full["continuation"]["agreement"]),
-            ("retrieval: facts recalled", lambda r: r["retrieval"], full["retrieval"]),
-        ]
+    if "continuation" in full:
+        panels.append(("greedy continuation agreement", lambda r: r["continuation"]["agreement"],
+                       full["continuation"]["agreement"]))
+    if "retrieval" in full:
+        panels.append(("retrieval: facts recalled", lambda r: r["retrieval"], full["retrieval"]))
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
     axes = axes.ravel()
