@@ -98,6 +98,13 @@ def test_report_tables_and_plot(tmp_path):
     report.plot(_result(), tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 1000
     json.dumps(_result())
+    bare = _result()  # no continuation probe (--continuation-tokens 0): retrieval only
+    del bare["full"]["continuation"]
+    for row in bare["rows"]:
+        del row["continuation"], row["continuation_compressed"]
+    text = report.markdown(bare)
+    assert "Greedy continuation" not in text and "Retrieval probe" in text
+    report.plot(bare, tmp_path / "bare.png")
 
 
 def test_eval_parser_and_config_errors(capsys):

@@ -32,10 +32,9 @@ def _table(result: dict, value, full_value, fmt: str, mark=None) -> str:
     return tabulate(rows, headers=["policy", *[f"B={b}" for b in budgets]], tablefmt="github", disable_numparse=True)
 
 
-def _probe_tables(result: dict, uncompressed: set) -> list[str]:
+def _continuation_tables(result: dict, uncompressed: set) -> list[str]:
     full, cfg = result["full"], result["config"]
-    seeds = len(cfg.get("probe_seeds") or [0])
-    continuation = [
+    return [
         f"## Greedy continuation ({cfg['continuation_tokens']} tokens by full attention after a "
         f"{cfg['prompt_tokens']}-token prompt of `{result['sources']['continuation_prompt']}`)",
         "",
@@ -51,7 +50,12 @@ def _probe_tables(result: dict, uncompressed: set) -> list[str]:
                mark=lambda p, b: (p, b, "continuation") in uncompressed),
         "",
     ]
-    recall = [
+
+
+def _retrieval_tables(result: dict, uncompressed: set) -> list[str]:
+    full, cfg = result["full"], result["config"]
+    seeds = len(cfg.get("probe_seeds") or [0])
+    return [
         f"## Retrieval probe ({len(result['probe_facts'])} facts, then {cfg['filler_tokens']} tokens of "
         f"`{result['sources']['probe_filler']}`, then the questions; {result['probe_length']} tokens; "
         f"{seeds} seed(s), {seeds * len(result['probe_facts'])} facts in all)",
@@ -62,7 +66,13 @@ def _probe_tables(result: dict, uncompressed: set) -> list[str]:
                mark=lambda p, b: (p, b, "retrieval") in uncompressed),
         "",
     ]
-    return (continuation if "continuation" in full else []) + (recall if "retrieval" in full else [])
+
+
+def _probe_tables(result: dict, uncompressed: set) -> list[str]:
+    """The continuation and retrieval tables, for the probes the run made."""
+    full = result["full"]
+    return ((_continuation_tables(result, uncompressed) if "continuation" in full else [])
+            + (_retrieval_tables(result, uncompressed) if "retrieval" in full else []))
 
 
 def paired_difference(per_token: dict, a: str, b: str, budget: int, docs: list[str], block: int = 128,
