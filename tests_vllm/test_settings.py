@@ -4,6 +4,8 @@ The engine configs are built in this process (``EngineArgs.create_engine_config`
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from triattn_compile.vllm import SettingsError, VllmSettings, parse_settings
@@ -28,6 +30,13 @@ def test_absent_means_off():
     assert parse_settings({}) is None and parse_settings({"other_plugin": 1}) is None and parse_settings(None) is None
     assert parse_settings({"triattn": {}}) == VllmSettings()
     assert parse_settings({"triattn": {"budget": 512, "per_layer": True}}) == VllmSettings(budget=512, per_layer=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_environment(monkeypatch):
+    """Switching on sets VLLM_DISABLE_COMPILE_CACHE in this process; keep it from the engines started later."""
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", os.environ.get("VLLM_DISABLE_COMPILE_CACHE", ""))
+    monkeypatch.delenv("VLLM_DISABLE_COMPILE_CACHE")
 
 
 def _config(model_dir, **kwargs):
