@@ -277,6 +277,7 @@ def calibrate(
     layout = discover(model)
     device = next(model.parameters()).device
     stats = QueryStats(layout.signature, device)
+    stats.omega = layout.omega
     backend = TriAttentionBackend("calibrate", input_names=TENSOR_NAMES, layout=layout, capture=True,
                                   model_config=getattr(model, "config", None), budget=BUDGET, compiler="eager")
     fn = torch.compile(isolated_step(), backend=backend, fullgraph=True, dynamic=True)

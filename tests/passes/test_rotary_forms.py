@@ -93,6 +93,15 @@ def _unbound_pairs(x, c, s):  # operands commuted, members taken with unbind
     return torch.stack((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1).flatten(-2)
 
 
+def _vllm_rope(x, c, s, rotary_dim=8, neox=True):  # vLLM RotaryEmbedding.forward_static with custom ops off
+    bands = rotary_dim // 2
+    rot, rest, c, s = x[..., :rotary_dim], x[..., rotary_dim:], c[..., :bands], s[..., :bands]
+    x1, x2 = torch.chunk(rot, 2, dim=-1) if neox else (rot[..., ::2], rot[..., 1::2])
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.cat((o1, o2), dim=-1) if neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1)  # vLLM always concatenates the pass-through part, empty or not
+
+
 # form: (fn, pairing of the pre-RoPE input, rotary dims, first rotary dim, pairing of the rotated output)
 FORMS = {
     "rotate-half": (lambda x, c, s: x * c + torch.cat((-x[..., 4:], x[..., :4]), -1) * s, "half", 8, 0, "half"),
@@ -112,6 +121,9 @@ FORMS = {
     "real-pair stack (unbind, commuted)": (_unbound_pairs, "interleaved", 8, 0, "interleaved"),
     "partial real-pair stack": (lambda x, c, s: torch.cat((_gptfast_rope(x[..., :4], _pair_table(c, s, 2)),
                                                            x[..., 4:]), -1), "interleaved", 4, 0, "interleaved"),
+    "vLLM neox": (_vllm_rope, "half", 8, 0, "half"),
+    "vLLM GPT-J": (lambda x, c, s: _vllm_rope(x, c, s, neox=False), "interleaved", 8, 0, "interleaved"),
+    "vLLM partial neox": (lambda x, c, s: _vllm_rope(x, c, s, rotary_dim=4), "half", 4, 0, "half"),
     "trailing partial real-pair stack": (lambda x, c, s: torch.cat(
         (x[..., :4], _gptfast_rope(x[..., 4:], _pair_table(c, s, 2))), -1), "interleaved", 4, 4, "interleaved"),
 }
@@ -124,6 +136,9 @@ NEAR_MISSES = {
     "de-interleave, wrong cross term": lambda x, c, s: torch.cat(
         (x[..., 0::2] * c[..., :4] - x[..., 1::2] * s[..., :4], x[..., 0::2] * c[..., :4] + x[..., 1::2] * s[..., :4]),
         -1),
+    "vLLM GPT-J, wrong cross term": lambda x, c, s: torch.stack(
+        (x[..., ::2] * c[..., :4] - x[..., 1::2] * s[..., :4], x[..., 1::2] * c[..., :4] + x[..., 1::2] * s[..., :4]),
+        -1).flatten(-2),
     "real pairs, swapped signs": _real_pairs(lambda a, b, c, s: (a * c + b * s, b * c - a * s)),
     "real pairs, swapped members": _real_pairs(lambda a, b, c, s: (b * c - a * s, a * c + b * s)),
     "real pairs, cos/sin indices swapped": _real_pairs(lambda a, b, c, s: (a * s - b * c, b * s + a * c)),

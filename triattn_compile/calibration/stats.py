@@ -9,7 +9,8 @@ as running sums so that online calibration (the capture op adds every live query
 File format ``triattn-stats/2``: tensors ``q_mean_real``, ``q_mean_imag``, ``q_abs_mean`` (float32 ``[L, H, F]``),
 ``q_pass_mean`` (float32 ``[L, H, head_dim - rotary_dim]``) and string metadata (``format``, layer/head counts,
 head_dim, rotary_dim, rotary_start, pairing, rope fingerprint, attention scaling, tokens; from offline calibration
-also ``documents``, ``contexts`` and ``context_length``, which loading does not need). ``triattn-stats/1`` files
+also ``documents``, ``contexts`` and ``context_length``, which loading does not need), and, from files written since
+the vLLM leg, ``omega`` (float64 ``[L, F]``, the RoPE frequencies the fingerprint hashes). ``triattn-stats/1`` files
 (no ``q_pass_mean``) still load for fully rotary models.
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
@@ -89,6 +90,9 @@ class QueryStats:
         self.count = torch.zeros(L, dtype=torch.float64, device=device)
         self.sum_pass = torch.zeros(L, H, signature.num_pass, dtype=torch.float64, device=device)
         self.report: CalibrationReport | None = None  # what offline calibrate() did (None: online or loaded)
+        # the RoPE angular frequencies [L, F] float64 the statistics were taken under (saved as ``omega``: a graph
+        # that reads ω with float noise, vLLM's, is compared with a tolerance where the fingerprint must match exactly)
+        self.omega: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """The state tensors, in the order the custom ops take them (:data:`TENSOR_NAMES`)."""
@@ -123,6 +127,8 @@ class QueryStats:
             "q_abs_mean": self.q_abs().float().contiguous().cpu(),
             "q_pass_mean": self.q_pass_mean().float().contiguous().cpu(),
         }
+        if self.omega is not None:
+            tensors["omega"] = self.omega.double().contiguous().cpu()
         meta = {k: str(v) for k, v in asdict(self.signature).items()}
         meta.update(format=FORMAT, tokens=str(self.tokens()))
         if self.report is not None:
@@ -191,4 +197,5 @@ class QueryStats:
         stats.sum_abs.copy_(tensors["q_abs_mean"].double() * n)
         stats.sum_pass.copy_(tensors["q_pass_mean"].double() * n)
         stats.count.fill_(n)
+        stats.omega = tensors.get("omega")
         return stats

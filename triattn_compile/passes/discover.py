@@ -35,7 +35,7 @@ class LayerLayout:
         pairing: how the pre-RoPE query pairs its dims into bands (``"half"``/``"interleaved"``; NoPE: ``"none"``).
         key_pairing: how the rotated (cached) keys pair their dims.
         rotary_dim: rotated dims of a head (0 for NoPE); rotary_start: the first of them.
-        attention: ``"sdpa"`` or ``"eager"`` (matmul -> softmax -> matmul).
+        attention: ``"sdpa"``, ``"eager"`` (matmul -> softmax -> matmul) or ``"vllm"`` (vLLM's paged attention op).
         window: sliding window (0: global attention, compressed by the policy).
         key_dim, value_dim: last dims of the cached keys and values (a latent layer caches the latent as keys and
             the rotated key part as values).
@@ -178,8 +178,9 @@ def _check_uniform(sites: list[AttentionSite]) -> None:
 
 def _kv_shape(site: AttentionSite) -> tuple[int, int]:
     """``(KV heads, head_dim)``: the key before repeat_kv is ``[B, Hkv, S, D]`` (a cache laid out ``[B, S, Hkv, D]``:
-    ``site.cache_axis`` 1)."""
-    return int(fake_value(site.key_source).shape[3 - site.cache_axis]), int(fake_value(site.query.pre).shape[-1])
+    ``site.cache_axis`` 1; vLLM's key is ``[T, Hkv, D]``)."""
+    axis = 1 if site.form == "vllm" else 3 - site.cache_axis
+    return int(fake_value(site.key_source).shape[axis]), int(fake_value(site.query.pre).shape[-1])
 
 
 def discover_layout(
@@ -192,6 +193,7 @@ def discover_layout(
     fallback_omega: torch.Tensor | None = None,
     latent: bool = True,
     known: Layout | None = None,
+    positions: dict | None = None,
 ) -> Layout:
     """The :class:`Layout` of ``gm``'s attention ``sites``.
 
@@ -202,6 +204,7 @@ def discover_layout(
         latent: read latent (MLA) layers' key up-projections (needs the sites' cache buffers).
         known: the layout of an earlier graph of the same model, whose RoPE frequencies and attention scaling are
             kept (they are the model's; evaluating the cos/sin tables again would specialize a dynamic graph).
+        positions: ``{placeholder: arange(T)}`` to evaluate the cos/sin tables at (``frequencies.rotary_frequencies``).
     Raises:
         PatternNotFound: layers that disagree on their rotary layout or attention shapes, or no RoPE layer.
     """
@@ -211,7 +214,7 @@ def discover_layout(
     per_layer = fallback_omega is not None and fallback_omega.dim() == 2 and len(fallback_omega) == len(sites)
     freqs = [
         (known.omega[i], known.attention_scaling) if known is not None and s.query.rotary_dim
-        else rotary_frequencies(gm, s, example_inputs, fallback_omega[i] if per_layer else fallback_omega)
+        else rotary_frequencies(gm, s, example_inputs, fallback_omega[i] if per_layer else fallback_omega, positions)
         if s.query.rotary_dim else (torch.zeros(q.rotary_dim // 2, dtype=torch.float64), None)
         for i, s in enumerate(sites)
     ]

@@ -53,12 +53,31 @@ def _bands(table: torch.Tensor, pairing: str, layout: str, bands: int) -> torch.
     return table[..., :bands] if pairing == "half" else table[..., 0 : 2 * bands : 2]
 
 
-def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout: str, bands: int):
+def fit_consecutive(rows: torch.Tensor, tolerance: float = 0.05) -> torch.Tensor | None:
+    """Least-squares ω ``[F]`` from the angles ``rows [T, F]`` of the consecutive positions ``0 .. T - 1`` (each band
+    unwrapped step by step, so ω must stay below π), or ``None`` if some row is further than ``tolerance`` radians
+    from ``t ω``. Averaging over many positions recovers ω to ~1e-9 relative from float32 tables and ~1e-7 from
+    bfloat16 ones, where the angle at position 1 alone is good to a few ulps of the table's dtype."""
+    if len(rows) < 3:
+        return None
+    steps = torch.remainder(rows[1:] - rows[:-1] + torch.pi, 2 * torch.pi) - torch.pi  # [T - 1, F]
+    unwrapped = torch.cat([rows[:1], rows[:1] + torch.cumsum(steps, 0)])
+    t = torch.arange(len(rows), dtype=torch.float64)[:, None]
+    omega = (t * unwrapped).sum(0) / (t * t).sum()
+    if not bool((omega > 0).all()) or float((unwrapped - t * omega).abs().max()) > tolerance:
+        return None
+    return omega
+
+
+def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout: str, bands: int, fit: bool = False):
     """ω ``[F]`` from cos/sin values taken at positions {0, 1} only (rows must be 0 or one ω row), or at the
     consecutive positions ``0, 1, ..., T - 1`` in order (row t at angle ``t ω`` mod 2π: a model's first call on its
-    prompt); else ``None``."""
+    prompt); else ``None``. ``fit``: the positions are known to be ``0 .. T - 1``; ω is fitted over all of them
+    (:func:`fit_consecutive`)."""
     angle = torch.atan2(sin.double(), cos.double()) if layout != "complex" else torch.angle(cos.to(torch.complex128))
     rows = _bands(angle, pairing, layout, bands).reshape(-1, bands)
+    if fit:
+        return fit_consecutive(rows)
     omega = rows[rows.abs().sum(-1).argmax()]
     zero = rows.abs().amax(-1) < 1e-6
     same = (rows - omega).abs().amax(-1) < 1e-5 * max(1.0, float(omega.abs().max()))
@@ -74,9 +93,11 @@ def omega_from_probe(cos: torch.Tensor, sin: torch.Tensor, pairing: str, layout:
 
 
 def rotary_frequencies(
-    gm: GraphModule, site: AttentionSite, example_inputs: list, fallback: torch.Tensor | None = None
+    gm: GraphModule, site: AttentionSite, example_inputs: list, fallback: torch.Tensor | None = None,
+    positions: dict[Node, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """``(omega [F] float64, attention_scaling)`` of one site."""
+    """``(omega [F] float64, attention_scaling)`` of one site. ``positions``: placeholders to evaluate the cos/sin
+    tables at instead of the example inputs, with the positions ``0 .. T - 1`` (ω is then fitted over all of them)."""
     bands = site.query.rotary_dim // 2
     upstream = _ancestors([site.query.cos])
     placeholders = zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
@@ -85,9 +106,10 @@ def rotary_frequencies(
         if n in upstream and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 1
         and v.numel() == bands
     ]
-    cos, sin = evaluate(gm, [site.query.cos, site.query.sin], example_inputs)
+    cos, sin = evaluate(gm, [site.query.cos, site.query.sin], example_inputs, positions)
     layout = site.query.table
-    probe = None if len(found) == 1 else omega_from_probe(cos, sin, site.query.pairing, layout, bands)
+    probe = None if len(found) == 1 else omega_from_probe(cos, sin, site.query.pairing, layout, bands,
+                                                          fit=positions is not None)
     if len(found) == 1:
         omega = found[0].detach().double().cpu()
     elif probe is not None:

@@ -7,6 +7,11 @@ the rotary form there (``rotary.py``); follow its key/value back through ``repea
 ``repeat_interleave``) to the cache buffer and the ``index_copy_`` (or per-row ``scatter_``) that writes the new token
 into it.
 
+vLLM's graph (``triattn_compile/vllm/``) has no SDPA: attention is the opaque ``vllm.unified_attention_with_output``
+over ``[T, H, D]`` queries and ``[T, Hkv, D]`` keys/values, and the paged-cache write is
+``vllm.unified_kv_cache_update(key, value, layer_name)``; these are sites of form ``"vllm"``, whose query and key are
+matched through the reshapes around vLLM's RoPE.
+
 A key assembled per head from a rotary part shared by all heads and a projection of a latent (multi-head latent
 attention, DeepSeek-V2/V3: ``key = cat(W_UK c_kv, k_pe)``, as a ``cat`` or as ``copy_`` into slices of an empty
 tensor) is a :class:`LatentKey`: its cache holds the latent and the rotary part, and ``passes/latent.py`` reads the
@@ -33,6 +38,8 @@ _DROPOUT = (F.dropout, "dropout")
 _SOFTCAP = (torch.tanh, "tanh")  # logit soft-capping, c * tanh(scores / c) (Gemma-2)
 _SUB_TARGETS = (operator.sub, torch.sub, "sub")
 _REDUCE_MAX = (torch.max, torch.amax, "max", "amax")
+VLLM_ATTENTION = "vllm.unified_attention_with_output"  # (query, key, value, output, layer_name, ...)
+VLLM_CACHE_WRITE = "vllm.unified_kv_cache_update"  # (key, value, layer_name): writes the paged KV cache
 
 
 def _reduces(node: Node, source: Node, depth: int = 3) -> bool:
@@ -95,6 +102,8 @@ class AttentionSite:
     # of the cache along its positions (``cache[:b, :start + T]``): the rewrite makes them read all of it
     latent: LatentKey | None = None  # multi-head latent attention: the cache holds (latent, rotary part)
     kv_dims: tuple[int, int] = (0, 0)  # last dims of the cached keys and values
+    paged_write: Node | None = None  # vLLM: the unified_kv_cache_update node that writes this layer's paged cache
+    layer_name: Node | None = None  # vLLM: the attention's layer-name input (its key in vLLM's forward context)
 
 
 def module_of(node: Node) -> str:
@@ -207,6 +216,25 @@ def cache_read(operand: Node) -> tuple[Node, bool]:
 
 def _is(node: object, *targets) -> bool:
     return isinstance(node, Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+def is_op(node: object, name: str) -> bool:
+    """Whether ``node`` calls the custom op ``name`` (``"namespace::op"`` written ``"namespace.op"``), any overload."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    target = str(node.target)
+    return target == name or target.startswith(name + ".")
+
+
+def _walk_to_rotary(node: Node) -> RotaryMatch | None:
+    """From a vLLM attention operand (``[T, H, D]``) back through views/reshapes to the first node whose rotary form
+    is recognised (vLLM rotates ``[T, H, D]`` and reshapes to ``[T, H * D]`` and back around it)."""
+    while isinstance(node, Node):
+        found = match_rotary(node)
+        if found is not None or not (_is_layout(node) or _is(node, "reshape", "view", torch.reshape)):
+            return found
+        node = node.args[0]
+    return None
 
 
 _EMPTY = ("new_empty", "new_zeros", torch.empty, torch.zeros, torch.empty_like, torch.zeros_like)
@@ -344,6 +372,8 @@ def _attention_nodes(graph: Graph):
         elif _is(node, *SOFTMAX_TARGETS) and (found := _eager_attention(node)) is not None:
             q, k, v, mask_add = found
             yield node, q, k, v, "eager", node, mask_add
+        elif is_op(node, VLLM_ATTENTION):
+            yield node, node.args[0], node.args[1], node.args[2], "vllm", None, None
 
 
 def _returned(graph: Graph) -> set[Node]:
@@ -396,6 +426,9 @@ def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False)
     sites, returned = [], _returned(graph) if appended else set()
     for node, q_arg, k_arg, v_arg, form, softmax, mask_add in _attention_nodes(graph):
         where = f"attention site {len(sites)} ({module_of(node)})"
+        if form == "vllm":
+            sites.append(_vllm_site(len(sites), node, where, need_cache))
+            continue
         q_post, head_axis = _walk_layout(q_arg, head_axis=1)
         query = match_rotary(q_post) or _unrotated(q_post)
         if query is None:
@@ -446,7 +479,36 @@ def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False)
         sites.append(site)
     if not sites:
         raise PatternNotFound(
-            "no attention node found in the traced model: expected scaled_dot_product_attention or "
-            "matmul -> softmax -> matmul (load the model with attn_implementation='sdpa' or 'eager')"
+            "no attention node found in the traced model: expected scaled_dot_product_attention, "
+            "matmul -> softmax -> matmul (load the model with attn_implementation='sdpa' or 'eager') or "
+            f"{VLLM_ATTENTION}"
         )
     return sites
+
+
+def _vllm_site(index: int, attn: Node, where: str, need_cache: bool) -> AttentionSite:
+    """A site of vLLM's ``unified_attention_with_output(query [T, H, D], key [T, Hkv, D], value, output, layer_name)``:
+    the rotary form is matched on the query and on the key it writes with ``unified_kv_cache_update``."""
+    q_arg, k_arg, v_arg = attn.args[:3]
+    layer_name = _arg(attn, 4, "layer_name")
+    query = _walk_to_rotary(q_arg)
+    if query is None:
+        raise PatternNotFound(
+            f"{where}: no rotary embedding recognised on the query of {VLLM_ATTENTION} (node {q_arg.name}); "
+            f"supported forms: {', '.join(ROTARY_FORM_NAMES[:-1])}; start vLLM with custom ops off (the default on "
+            "CPU) so that RoPE is traced as plain torch ops"
+        )
+    site = AttentionSite(index, module_of(attn), attn, query, head_axis=1, key_source=k_arg, form="vllm",
+                         layer_name=layer_name if isinstance(layer_name, Node) else None)
+    if need_cache:
+        dep = attn.kwargs.get("kv_cache_dummy_dep")
+        writes = [dep] if is_op(dep, VLLM_CACHE_WRITE) else [
+            u for u in k_arg.users if is_op(u, VLLM_CACHE_WRITE) and u.args[0] is k_arg]
+        if len(writes) != 1 or writes[0].args[1] is not v_arg:
+            raise PatternNotFound(f"{where}: no {VLLM_CACHE_WRITE} writes the key and value this attention reads")
+        site.paged_write = writes[0]
+        site.kv_dims = (int(fake_value(k_arg).shape[-1]), int(fake_value(v_arg).shape[-1]))
+        site.key = _walk_to_rotary(k_arg)
+        if site.key is None or site.key.pairing != query.pairing or site.key.rotary_dim != query.rotary_dim:
+            raise PatternNotFound(f"{where}: the cached key is not rotated like the query ({k_arg.name})")
+    return site

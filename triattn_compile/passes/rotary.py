@@ -10,9 +10,10 @@ width) or ``None``. Adding a form means adding a row.
 * complex (pairing "interleaved"; Meta reference, gpt-fast):
   ``view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs_cis).flatten(-2)``.
 * pair members written out, ``cat(x1*cos - x2*sin, x2*cos + x1*sin)`` with cos/sin one column per band: the halves
-  ``x1, x2 = chunk(x, 2, -1)`` (gpt-oss; pairing "half"), or ``x1, x2 = x[..., ::2], x[..., 1::2]``
+  ``x1, x2 = chunk(x, 2, -1)`` (gpt-oss, vLLM neox style; pairing "half"), or ``x1, x2 = x[..., ::2], x[..., 1::2]``
   ("de-interleave", DeepSeek-V2/V3's ``rope_interleave``): the query statistics pair ``interleaved``, the rotated
-  keys ``half``.
+  keys ``half``; with strided members put back by ``stack((o1, o2), -1).flatten(-2)`` (vLLM GPT-J style),
+  interleaved in and out.
 * real-pair stack (pairing "interleaved" in and out; gpt-fast upstream, torchtune ``RotaryPositionalEmbeddings``):
   ``p = x.reshape(..., F, 2)``, ``stack((p0*c - p1*s, p1*c + p0*s), -1).flatten(-2)`` with ``p_i = p[..., i]`` and
   ``c, s = t[..., 0], t[..., 1]`` of one ``[..., F, 2]`` table ``t`` (cos/sin one column per band).
@@ -339,10 +340,20 @@ def _pair_source(x1: Node, x2: Node) -> tuple[Node, str] | None:
 def match_pair_halves(post: Node) -> RotaryMatch | None:
     """``cat((x1*cos - x2*sin, x2*cos + x1*sin), -1)``, cos/sin one column per band, written out per pair member:
     with ``x1, x2 = x[..., ::2], x[..., 1::2]`` (DeepSeek ``rope_interleave``: interleaved pairs in, rotate-half
-    layout out) or with the two halves of ``x`` (gpt-oss: ``torch.chunk(x, 2, -1)``; pairing half in and out)."""
-    if not _is(post, *_CAT) or len(post.args[0]) != 2:
+    layout out) or with the two halves of ``x`` (gpt-oss, vLLM's neox style: ``torch.chunk(x, 2, -1)``; pairing half
+    in and out). The members may also be put back pair after pair, ``stack((o1, o2), -1).flatten(-2)`` (vLLM's GPT-J
+    style: interleaved in and out)."""
+    stacked = _is(post, *_FLATTEN) and _flattens_last_two(post) and _is(post.args[0], *_STACK) and _dim_arg(
+        post.args[0], 1) in (-1, fake_value(post.args[0]).dim() - 1)
+    if stacked:
+        parts = post.args[0].args[0]
+    elif _is(post, *_CAT) and _dim_arg(post, 1) in (-1, fake_value(post).dim() - 1):
+        parts = post.args[0]
+    else:
         return None
-    real, imag = post.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return None
+    real, imag = parts
     if not _is(real, *_SUB) or not _is(imag, *_ADD) or not all(isinstance(a, Node) for a in (*real.args, *imag.args)):
         return None
     for x1, cos in _mul_pairs(real.args[0]):
@@ -351,9 +362,12 @@ def match_pair_halves(post: Node) -> RotaryMatch | None:
             terms = imag.args[:2]
             if found and any(_product(a, x2, cos) for a in terms) and any(_product(a, x1, sin) for a in terms):
                 x, pairing = found
-                form = "de-interleave" if pairing == "interleaved" else "rotate-half (halves)"
+                if stacked and pairing != "interleaved":
+                    continue
+                form = ("rotate-every-two (pairs)" if stacked else "de-interleave" if pairing == "interleaved"
+                        else "rotate-half (halves)")
                 return RotaryMatch(x, post, cos, sin, pairing, _last_dim(x), form, table="bands",
-                                   rotated_pairing="half")
+                                   rotated_pairing="interleaved" if stacked else "half")
     return None
 
 
@@ -376,7 +390,8 @@ def match_partial(post: Node) -> RotaryMatch | None:
         tiles = (r0, r1, p0, p1) == ((0, inner.rotary_dim, inner.rotary_dim, width) if at == 0
                                      else (width - inner.rotary_dim, width, 0, width - inner.rotary_dim))
         if tiles and r1 - r0 == inner.rotary_dim:
-            form = "partial" if at == 0 else f"trailing partial {inner.form}"
+            # vLLM always writes cat((rope(x[..., :r]), x[..., r:])), with an empty pass part when r is the width
+            form = inner.form if r1 - r0 == width else "partial" if at == 0 else f"trailing partial {inner.form}"
             return RotaryMatch(rot_src[0], post, inner.cos, inner.sin, inner.pairing, inner.rotary_dim, form,
                                table=inner.table, rotary_start=r0, rotated_pairing=inner.rotated_pairing)
     return None

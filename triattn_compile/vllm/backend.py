@@ -1,0 +1,79 @@
+"""The compile backend the plugin gives vLLM: discovery on vLLM's graph, then vLLM's own backend, unchanged.
+
+On CPU vLLM 0.32 compiles the whole model once (``CompilationMode.DYNAMO_TRACE_ONCE``) with the stock ``inductor``
+(or ``eager`` under ``VLLM_CPU_CI_ENV=1``) backend; a backend named by qualified name in
+``compilation_config.backend`` is called instead, with the Dynamo graph and its real inputs. Inductor's
+``pre_grad_custom_pass`` sees the same graph but not its inputs, and the RoPE table that ω is read from is one of
+them. ``backend.inductor`` and ``backend.eager`` (:class:`DiscoveryBackend`) run
+:func:`~triattn_compile.vllm.discovery.discover_vllm` and load the statistics (if set), keep the result for this
+process (:func:`discovered`), and hand the graph on unchanged: nothing is evicted yet (issue 19, part 3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch.fx import GraphModule
+
+from triattn_compile.calibration.stats import QueryStats
+from triattn_compile.vllm.discovery import VllmLayout, discover_vllm
+from triattn_compile.vllm.settings import VllmSettings, parse_settings
+from triattn_compile.vllm.statsfile import load_for_layout
+
+log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, which vLLM configures
+
+_FOUND: dict[str, object] = {}  # this process's discovery: "layout" -> VllmLayout, "stats" -> QueryStats | None
+
+
+def discovered() -> tuple[VllmLayout | None, QueryStats | None]:
+    """What the last compile in this process found: ``(layout, stats)`` (``(None, None)`` before any)."""
+    return _FOUND.get("layout"), _FOUND.get("stats")
+
+
+class DiscoveryBackend:
+    """A Dynamo backend bound to one engine's config: discovery, then ``delegate`` (``"inductor"`` or ``"eager"``).
+
+    vLLM resolves ``compilation_config.backend`` by qualified name when it builds the model's compile wrapper, with
+    the engine's config current (``compilation/wrapper.py``); the graph is compiled later, on the first forward, when
+    it may not be. So the module attribute ``inductor`` (``eager``) is made on lookup (``__getattr__`` below) and
+    keeps that config."""
+
+    def __init__(self, delegate: str, vllm_config: object):
+        self.delegate, self.vllm_config = delegate, vllm_config
+        self.__name__ = f"triattn_{delegate}"  # torch.compile names its wrapper after the backend
+
+    def _discover(self, gm: GraphModule, example_inputs: list) -> None:
+        config = self.vllm_config
+        settings = parse_settings(config.additional_config) or VllmSettings()
+        hf_config = config.model_config.hf_config if config.model_config is not None else None
+        found = discover_vllm(gm, example_inputs, hf_config, settings.budget)
+        stats = load_for_layout(settings.stats, found.layout) if settings.stats else None
+        _FOUND.update(layout=found, stats=stats)
+        log.info("TriAttention: %s%s", found.layout.describe(),
+                 f"; statistics {settings.stats} ({stats.tokens()} tokens) match" if stats is not None else "")
+
+    def __call__(self, gm: GraphModule, example_inputs: list):
+        self._discover(gm, example_inputs)
+        if self.delegate == "eager":  # vLLM's CPU backend under VLLM_CPU_CI_ENV=1: Dynamo's stock eager
+            from torch._dynamo.backends.debugging import eager
+
+            return eager(gm, example_inputs)
+        import torch
+
+        # Inductor with vLLM's inductor_compile_config, through the wrapper torch.compile(backend="inductor",
+        # options=...) uses (under AOT compile its result is serializable, as the stock backend's)
+        options = dict(self.vllm_config.compilation_config.inductor_compile_config)
+        options.pop("guard_filter_fn", None)  # a torch.compile option, not an Inductor config entry
+        return torch._TorchCompileInductorWrapper(None, options, False)(gm, example_inputs)
+
+
+BACKENDS = {"inductor": f"{__name__}.inductor", "eager": f"{__name__}.eager"}
+
+
+def __getattr__(name: str) -> DiscoveryBackend:
+    """``inductor`` / ``eager``: a :class:`DiscoveryBackend` for the engine whose config is current."""
+    if name in BACKENDS:
+        from vllm.config import get_current_vllm_config
+
+        return DiscoveryBackend(name, get_current_vllm_config())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

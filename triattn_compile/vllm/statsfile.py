@@ -1,0 +1,70 @@
+"""Statistics for a vLLM engine: a ``triattn calibrate`` file of the model's HF checkpoint, validated against the
+layout found in vLLM's graph.
+
+The HF path checks the RoPE frequencies by an exact fingerprint (``calibration/stats.py``). vLLM's graph holds no
+``inv_freq``, only a cos/sin table in the model's dtype, so its ω carries float noise: :func:`load_for_layout`
+compares the file's ``omega`` tensor with a tolerance, then lets :meth:`QueryStats.load` check everything else
+(layer/head counts, head_dim, rotary dims, pairing, tensor shapes) with its one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from triattn_compile.calibration.stats import QueryStats, StatsError
+from triattn_compile.passes.discover import Layout
+
+OMEGA_RTOL = 1e-4  # relative: float32 tables give ~1e-9, bfloat16 ~1e-6; another rope_theta differs by >1e-2
+SCALING_ATOL = 1e-2  # attention scaling measured in the model's dtype (as Layout.same_as)
+
+
+def _file_metadata(path: Path) -> tuple[dict, torch.Tensor | None]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            omega = fh.get_tensor("omega") if "omega" in fh.keys() else None
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise StatsError(f"stats file {path} is truncated or not a safetensors file ({exc}); recreate it with "
+                         "`triattn calibrate`") from None
+    return meta, omega
+
+
+def load_for_layout(path: str | Path, layout: Layout) -> QueryStats:
+    """The statistics in ``path`` if they were made for the model whose vLLM graph has ``layout``.
+
+    Raises:
+        StatsError: one line, e.g. another model's file (which field differs), or a file without ``omega``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StatsError(f"stats file {path} does not exist: run `triattn calibrate` to create it")
+    meta, omega = _file_metadata(path)
+    expected = layout.signature
+    for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "rotary_dim", "pairing"):
+        if meta.get(field) != str(getattr(expected, field)):
+            raise StatsError(f"stats file {path} was made for another model ({field}: file has {meta.get(field)}, "
+                             f"vLLM's graph has {getattr(expected, field)}); calibrate this model with "
+                             "`triattn calibrate`")
+    if omega is None:
+        raise StatsError(f"stats file {path} has no omega tensor (written before the vLLM leg); recreate it with "
+                         "`triattn calibrate`")
+    mine = layout.omega.double()
+    if tuple(omega.shape) != tuple(mine.shape) or not torch.allclose(omega.double(), mine, rtol=OMEGA_RTOL, atol=0):
+        worst = ((omega.double() - mine).abs() / mine.abs().clamp_min(1e-30)).max() if omega.shape == mine.shape \
+            else float("nan")
+        raise StatsError(f"stats file {path} was made for another model (RoPE frequencies differ from vLLM's graph by "
+                         f"up to {float(worst):.3g} relative, shape {tuple(omega.shape)} vs {tuple(mine.shape)}); "
+                         "calibrate this model with `triattn calibrate`")
+    scaling = float(meta.get("attention_scaling", "nan"))
+    if not abs(scaling - expected.attention_scaling) <= SCALING_ATOL:
+        raise StatsError(f"stats file {path} was made for another model (attention_scaling: file has {scaling}, "
+                         f"vLLM's graph has {expected.attention_scaling}); calibrate this model with "
+                         "`triattn calibrate`")
+    # ω and the scaling agree within tolerance: check the rest exactly against the file's own values of those two
+    expected = dataclasses.replace(expected, rope_fingerprint=meta.get("rope_fingerprint", ""),
+                                   attention_scaling=scaling)
+    return QueryStats.load(path, expected)
