@@ -22,6 +22,7 @@ from triattn_compile.policies import (
     StreamingLLM,
     TriAttention,
     TriAttentionDiverse,
+    TriAttentionObserved,
     TriAttentionRecent,
     TriAttentionValueNorm,
     make_policy,
@@ -91,6 +92,7 @@ def ref_redundancy(keys: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
+                             "triattention-observed",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -309,6 +311,17 @@ def test_value_norm_variant_adds_layer_mean_of_zscored_log_norms():
     z = (logn - logn.mean(-1, keepdim=True)) / logn.std(-1, unbiased=False, keepdim=True)
     want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.5 * z.mean(0)
     torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_observed_variant_adds_layer_mean_of_zscored_log_attention_per_query():
+    inp = synthetic(protected=3)
+    got = TriAttentionObserved(weight=0.7, noise=0.0).scores(inp)
+    age = (inp.next_position - inp.positions).double()  # [L, B, Hkv, N]
+    rec = (inp.attention.double() / age).log()[..., 3:]
+    z = (rec - rec.mean(-1, keepdim=True)) / rec.std(-1, unbiased=False, keepdim=True)
+    want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.7 * z.mean(0)
+    torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-5, atol=1e-5)
+    assert TriAttentionObserved.accumulate_attention and not TriAttention.accumulate_attention
 
 
 def test_every_policy_runs_the_schedule():

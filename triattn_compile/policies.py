@@ -234,6 +234,23 @@ class TriAttentionValueNorm(TriAttention):
 
 
 @dataclass
+class TriAttentionObserved(TriAttention):
+    """(d) TriAttention's predicted score plus the attention each token has actually received: ``weight`` times the
+    z-scored log of its mean attention per query since it entered the cache (accumulated like H2O's, divided by
+    its age so that new tokens are not penalised; per layer and KV head, averaged over layers like the score)."""
+
+    weight: float = 0.5
+    accumulate_attention = True
+    name: str = "triattention-observed"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        age = (inputs.next_position - inputs.positions).clamp_min(1).float()
+        received = (inputs.attention / age).clamp_min(1e-12).log()  # [L, B, Hkv, N]
+        z = zscore(received, inputs.candidates())
+        return super().scores(inputs) + self.weight * (z if self.per_layer else z.mean(0, keepdim=True))
+
+
+@dataclass
 class StreamingLLM(Policy):
     """Attention sinks + recent tokens (Xiao et al., 2023, arXiv 2309.17453; R-KV repo ``streamingllm.py``).
 
@@ -367,7 +384,8 @@ class RandomPolicy(Policy):
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
-                TriAttentionDiverse, TriAttentionValueNorm, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
+                TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, StreamingLLM, SnapKV, RKV, H2O,
+                RandomPolicy)
 }
 
 

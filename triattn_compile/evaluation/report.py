@@ -227,6 +227,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("KV budget per KV head")
         ax.set_title(title, fontsize=10)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}", fontsize=9)
     fig.tight_layout()
