@@ -166,8 +166,7 @@ def greedy_diverse(scores: torch.Tensor, similarity: torch.Tensor, keep: int, pe
     n = scores.shape[-1]
     chosen = torch.isinf(scores) & (scores > 0)
     fixed = chosen.float().unsqueeze(-1)
-    redundancy = (similarity * fixed.transpose(-1, -2)).amax(-1)  # most similar kept slot; 0 when none is kept
-    redundancy = torch.where(chosen.any(-1, keepdim=True), redundancy, torch.zeros_like(redundancy))
+    redundancy = (similarity * fixed.transpose(-1, -2)).amax(-1)  # most similar kept slot, clamped at 0
     base = torch.where(chosen, torch.zeros_like(scores), scores)
     rank = torch.where(chosen, torch.full_like(scores, 2.0 * n), torch.full_like(scores, -torch.inf))
     for step in range(int(keep - chosen.sum(-1).min())):
