@@ -115,3 +115,25 @@ def triattn_run(model_dir, workdir, stats_file, plain_run) -> dict:
     result = json.loads(out.read_text())
     result["log"] = done.stderr
     return result
+
+
+EVICTION_PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "In 1905, a patent clerk in Bern wrote",
+                    "def fibonacci(n):\n    if n < 2:\n        return n", "Once upon a time, in a land far away, there",
+                    "SELECT name, email FROM users WHERE", "The mitochondria is the powerhouse of the cell, and",
+                    "Roses are red, violets are blue, sugar is sweet, and so are you. The end of the"]
+EVICTION_TOKENS = 1000
+
+
+@pytest.fixture(scope="session")
+def eviction_run(model_dir, workdir, stats_file, triattn_run) -> dict:
+    """B = 128, 8 concurrent requests of different prompt lengths, 1,000 generated tokens each; the first
+    compactions recorded (keys, positions, keep sets); then a prompt longer than the budget."""
+    out = workdir / "eviction.json"
+    cmd = [sys.executable, str(HERE / "engine.py"), str(model_dir), str(out), "--triattn",
+           json.dumps({"budget": 128, "stats": str(stats_file)}), "--max-tokens", str(EVICTION_TOKENS),
+           "--max-model-len", "2048", "--long-prompt", "200"]
+    for prompt in EVICTION_PROMPTS:
+        cmd += ["--prompt", prompt]
+    done = run(cmd, {**ENGINE_ENV, "TRIATTN_VLLM_RECORD": "10"})
+    assert done.returncode == 0, done.stderr[-5000:]
+    return json.loads(out.read_text())

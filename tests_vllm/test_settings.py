@@ -45,12 +45,14 @@ def _config(model_dir, **kwargs):
     return EngineArgs(model=str(model_dir), dtype="float32", max_model_len=512, **kwargs).create_engine_config()
 
 
-def test_engine_config_switches_on_and_off(model_dir):
+def test_engine_config_switches_on_and_off(model_dir, stats_file):
     off = _config(model_dir)
     assert off.compilation_config.backend == "inductor" and not off.parallel_config.worker_extension_cls
-    on = _config(model_dir, additional_config={"triattn": {"budget": 256}})
+    on = _config(model_dir, additional_config={"triattn": {"budget": 256, "stats": str(stats_file)}})
     assert on.compilation_config.backend == "triattn_compile.vllm.backend.inductor"
     assert on.parallel_config.worker_extension_cls == "triattn_compile.vllm.worker.TriAttentionWorkerExtension"
+    assert on.scheduler_config.scheduler_cls == "triattn_compile.vllm.scheduler.TriAttentionScheduler"
+    assert not on.cache_config.enable_prefix_caching and off.cache_config.enable_prefix_caching
 
 
 def test_engine_refuses_bad_setting_in_one_line(model_dir):
@@ -58,6 +60,6 @@ def test_engine_refuses_bad_setting_in_one_line(model_dir):
         _config(model_dir, additional_config={"triattn": {"budget": 0}})
 
 
-def test_engine_refuses_eager_mode(model_dir):
+def test_engine_refuses_eager_mode(model_dir, stats_file):
     with pytest.raises(SettingsError, match=r"compilation is off \(enforce_eager"):
-        _config(model_dir, enforce_eager=True, additional_config={"triattn": {"budget": 256}})
+        _config(model_dir, enforce_eager=True, additional_config={"triattn": {"budget": 256, "stats": str(stats_file)}})

@@ -18,17 +18,48 @@ from triattn_compile.vllm.settings import SETTINGS_KEY, SettingsError, parse_set
 _WRAPPED = "_triattn_wrapped"
 
 
-def switch_on(vllm_config) -> None:
-    """Validate ``vllm_config.additional_config["triattn"]`` and route compilation through the discovery backend;
-    a config without the key is left as it is."""
+SCHEDULER = "triattn_compile.vllm.scheduler.TriAttentionScheduler"
+WORKER_EXTENSION = "triattn_compile.vllm.worker.TriAttentionWorkerExtension"
+
+
+def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
+    """Validate ``vllm_config.additional_config["triattn"]`` and turn TriAttention on: compilation through the
+    discovery backend, the scheduler that frees compacted blocks, the worker extension that puts compaction in front
+    of attention (``worker.py``). A config without the key is left as it is.
+
+    Args:
+        prefix_caching: what the user asked for (``EngineArgs.enable_prefix_caching``): ``True`` is refused
+            (compacted blocks no longer hold the tokens their hashes name), ``None`` (vLLM's default, on) is
+            turned off.
+    """
     from vllm.config import CompilationMode
 
     from triattn_compile.vllm.backend import BACKENDS
+    from triattn_compile.vllm.paged import PagedSchedule
 
-    if parse_settings(vllm_config.additional_config) is None:
+    settings = parse_settings(vllm_config.additional_config)
+    if settings is None:
         return
     compilation = vllm_config.compilation_config
     where = f"additional_config[{SETTINGS_KEY!r}]"
+    if settings.stats is None:
+        raise SettingsError(f"{where}: vLLM needs a statistics file (online calibration is not available there "
+                            "yet); make one with `triattn calibrate --model <this model's HF folder>` and set stats")
+    if not settings.protect_prompt:
+        raise SettingsError(f"{where}: protect_prompt false is not supported in vLLM yet; drop it")
+    if prefix_caching:
+        raise SettingsError(f"{where}: prefix caching cannot be combined with compaction (compacted blocks no "
+                            "longer hold the tokens they are cached under); drop enable_prefix_caching")
+    if vllm_config.speculative_config is not None:
+        raise SettingsError(f"{where}: speculative decoding is not supported with TriAttention; drop it")
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls not in (None, SCHEDULER):
+        raise SettingsError(f"{where}: a custom scheduler_cls ({scheduler.scheduler_cls}) cannot be combined with "
+                            "TriAttention's scheduler; drop it")
+    try:
+        PagedSchedule(settings.budget, settings.divide_length, vllm_config.cache_config.block_size)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
     if compilation.mode == CompilationMode.NONE:
         raise SettingsError(f"{where}: TriAttention finds its sites in the graph vLLM compiles, and compilation is off "
                             "(enforce_eager, -O0 or a LoRA config); drop that setting")
@@ -37,8 +68,13 @@ def switch_on(vllm_config) -> None:
                             f"eager) is supported so far; this engine uses mode {compilation.mode.name}, backend "
                             f"{compilation.backend!r}")
     compilation.backend = BACKENDS[compilation.backend]
-    if not vllm_config.parallel_config.worker_extension_cls:  # llm.collective_rpc("triattn_report")
-        vllm_config.parallel_config.worker_extension_cls = "triattn_compile.vllm.worker.TriAttentionWorkerExtension"
+    parallel = vllm_config.parallel_config
+    if parallel.worker_extension_cls not in ("", None, WORKER_EXTENSION):
+        raise SettingsError(f"{where}: a worker_extension_cls ({parallel.worker_extension_cls}) cannot be combined "
+                            "with TriAttention's; drop it")
+    parallel.worker_extension_cls = WORKER_EXTENSION
+    scheduler.scheduler_cls = SCHEDULER
+    vllm_config.cache_config.enable_prefix_caching = False
     # a compiled artifact loaded from vLLM's compile cache would skip the backend, and with it discovery; the
     # EngineCore and worker processes are started after this and inherit the setting
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
@@ -54,8 +90,9 @@ def register() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
+        asked = self.enable_prefix_caching  # None: vLLM's default (create_engine_config resolves it)
         config = original(self, *args, **kwargs)
-        switch_on(config)
+        switch_on(config, asked)
         return config
 
     setattr(create_engine_config, _WRAPPED, True)

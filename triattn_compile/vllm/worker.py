@@ -1,14 +1,22 @@
-"""What a vLLM worker found, for ``llm.collective_rpc("triattn_report")``: the discovered layout and, per layer, the
-paged KV tensor vLLM allocated for it (the part of the layout the graph cannot show)."""
+"""The worker extension the plugin names where TriAttention is on (``parallel_config.worker_extension_cls``).
+
+vLLM imports this module in each worker process before it builds the model; importing it makes vLLM's ``CPU_ATTN``
+backend :class:`~triattn_compile.vllm.attention.TriAttentionCPUBackend` in that process (the compaction in front of
+attention). ``llm.collective_rpc("triattn_report")`` returns what a worker found and did: the discovered layout, per
+layer the paged KV tensor vLLM allocated for it (the part of the layout the graph cannot show), and the compactions.
+"""
 
 from __future__ import annotations
 
 import torch
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
 from triattn_compile.vllm.backend import discovered
 
+register_backend(AttentionBackendEnum.CPU_ATTN, "triattn_compile.vllm.attention.TriAttentionCPUBackend")
 
-def _kv_tensor(attention: object) -> torch.Tensor | None:
+
+def kv_tensor(attention: object) -> torch.Tensor | None:
     kv = getattr(attention, "kv_cache", None)
     if isinstance(kv, (list, tuple)):  # one per virtual engine in some versions
         kv = kv[0] if kv else None
@@ -16,7 +24,8 @@ def _kv_tensor(attention: object) -> torch.Tensor | None:
 
 
 def report(worker: object) -> dict:
-    """JSON-able: ``{"layout": VllmLayout.as_dict() | None, "stats_tokens": int | None, "paged": {...}}``.
+    """JSON-able: ``{"compaction": [PagedCompressor.report()], "layout": VllmLayout.as_dict() | None,
+    "stats_tokens": int | None, "paged": {...}}``.
 
     ``paged`` has, per discovered layer name, the attention implementation's class and its KV tensor's shape and
     dtype, and the engine's block size (:class:`TriAttentionWorkerExtension` serves it to ``collective_rpc``).
@@ -27,13 +36,16 @@ def report(worker: object) -> dict:
     paged = {}
     for name in found.layer_names if found is not None else ():
         attention = context.get(name)
-        kv = _kv_tensor(attention)
+        kv = kv_tensor(attention)
         paged[name] = {
             "impl": type(getattr(attention, "impl", None)).__name__,
             "kv_shape": list(kv.shape) if kv is not None else None,
             "kv_dtype": str(kv.dtype) if kv is not None else None,
         }
+    from triattn_compile.vllm.attention import compressors
+
     return {
+        "compaction": [c.report() for c in compressors()],
         "layout": found.as_dict() if found is not None else None,
         "stats_tokens": stats.tokens() if stats is not None else None,
         "block_size": config.cache_config.block_size if config is not None else None,

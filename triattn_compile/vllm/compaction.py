@@ -1,0 +1,196 @@
+"""The worker side of TriAttention in vLLM: per request, score the cached keys, keep the top ``budget`` per KV head in
+the request's leading blocks, and point attention at the live blocks (:mod:`~triattn_compile.vllm.paged`).
+
+:class:`PagedCompressor` is called by the attention metadata builder once per step, before the forward
+(:mod:`~triattn_compile.vllm.attention`), with vLLM's :class:`CommonAttentionMetadata`. It
+
+- learns each request's prompt length from its prefill rows (``is_prefilling``), keyed by the request's first block
+  (a block is owned by one request at a time, and with prefix caching off a request starts at position 0);
+- compacts the rows whose step writes position ``budget + divide_length·k``: the same policy and keep-slot code as
+  the HF path (``policies.py``, ``kernels/compact.keep_slots``) on the request's post-RoPE keys gathered from the
+  paged tensors (``[num_blocks, Hkv, 2, block_size, D]``: K rows, then V rows, per block and KV head);
+- returns the metadata with ``seq_lens`` and block table rows rewritten to the live blocks; positions and the slot
+  mapping stay absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from triattn_compile.calibration.stats import QueryStats
+from triattn_compile.kernels.compact import keep_slots
+from triattn_compile.passes.discover import Layout
+from triattn_compile.policies import CompactionInputs, Policy, TriAttention
+from triattn_compile.vllm.paged import PagedSchedule
+
+RECORD_ENV = "TRIATTN_VLLM_RECORD"  # tests: how many compactions the worker keeps a copy of (keys, keep sets)
+
+
+@dataclass
+class RequestState:
+    """What the worker knows of one request: its prompt length, its kept tokens' positions ``[X, Hkv, budget]``
+    (``None`` before the first compaction) and its compaction rounds."""
+
+    prompt: int
+    positions: torch.Tensor | None = None
+    rounds: int = 0
+
+
+def paged_view(kv: torch.Tensor) -> torch.Tensor:
+    """vLLM's CPU KV tensor ``[num_blocks, Hkv, block_size, 2 * D]`` as ``[num_blocks, Hkv, 2, block_size, D]``
+    (index 0: keys, 1: values; the attention kernel reads it as ``[nb, Hkv, 2 * bs, D]``)."""
+    blocks, heads, size, width = kv.shape
+    return kv.view(blocks, heads, 2, size, width // 2)
+
+
+def gather_tokens(paged: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
+    """Keys (``kind`` 0) or values (1) of ``blocks``, in order: ``[Hkv, len(blocks) * block_size, D]``."""
+    part = paged[blocks, :, kind]  # [n, Hkv, bs, D]
+    return part.permute(1, 0, 2, 3).reshape(part.shape[1], -1, part.shape[-1])
+
+
+def scatter_tokens(paged: torch.Tensor, blocks: torch.Tensor, kind: int, tokens: torch.Tensor) -> None:
+    """In place: ``tokens`` ``[Hkv, len(blocks) * block_size, D]`` into ``blocks``."""
+    heads, _, dim = tokens.shape
+    paged[blocks, :, kind] = tokens.view(heads, len(blocks), -1, dim).permute(1, 0, 2, 3).to(paged.dtype)
+
+
+class PagedCompressor:
+    """One engine's compaction in a vLLM worker.
+
+    Args:
+        schedule: budget, divide length and block size.
+        source: returns ``(layout, stats, kv_caches)`` when the first compaction needs them: the layout discovery
+            found in vLLM's graph, the query statistics validated against it, and per discovered layer its paged
+            KV tensor (none of them exists yet when vLLM makes its metadata builders).
+        policy: the eviction policy (TriAttention's score by default).
+        protect_prompt: the prompt is kept whole.
+    """
+
+    def __init__(self, schedule: PagedSchedule, source: Callable[[], tuple[Layout, QueryStats, list[torch.Tensor]]],
+                 policy: Policy | None = None, protect_prompt: bool = True):
+        policy = TriAttention() if policy is None else policy
+        if policy.query_window or policy.accumulate_attention:
+            raise ValueError(f"policy {policy.name!r} needs live queries or attention, which vLLM's graph does not "
+                             "hand out; use a TriAttention score")
+        self.schedule, self.policy, self.protect_prompt, self.source = schedule, policy, protect_prompt, source
+        self.layout: Layout | None = None
+        self.stats: QueryStats | None = None
+        self.paged: list[torch.Tensor] = []
+        self.requests: dict[int, RequestState] = {}
+        self.compactions = 0
+        self.records: list[dict] = []
+        self.record_limit = int(os.environ.get(RECORD_ENV, "0") or 0)
+
+    # -- per step ---------------------------------------------------------------------------------------------------
+    def before_attention(self, metadata):
+        """Compact the rows due this step and return ``metadata`` (vLLM's ``CommonAttentionMetadata``) with their
+        ``seq_lens`` / block table rows pointing at the live blocks."""
+        s = self.schedule
+        rows = metadata.num_reqs
+        lengths = metadata.seq_lens[:rows].tolist()
+        starts = metadata.query_start_loc_cpu[: rows + 1].tolist()
+        prefilling = (metadata.is_prefilling[:rows].tolist() if metadata.is_prefilling is not None
+                      else [False] * rows)
+        table = metadata.block_table_tensor
+        firsts = table[:rows, 0].tolist()
+        changed: list[tuple[int, torch.Tensor, int]] = []
+        for r in range(rows):
+            n, q, first = lengths[r], starts[r + 1] - starts[r], firsts[r]
+            if first == 0 or q == 0:  # padding, or the null block: not a live request
+                continue
+            if prefilling[r]:
+                if n == q:
+                    self.requests[first] = RequestState(prompt=n)
+                elif first in self.requests:
+                    self.requests[first].prompt = n
+                continue
+            state = self.requests.get(first)
+            if state is None or n <= s.capacity:
+                continue
+            if q > 1:
+                raise RuntimeError(f"TriAttention in vLLM: a request of {n} tokens was scheduled {q} tokens at once "
+                                   "past its budget (recomputed after preemption, or speculative decoding); give the "
+                                   "KV pool more room (VLLM_CPU_KVCACHE_SPACE) or lower max_num_seqs")
+            if s.compacts_at(n - 1):
+                self.compact(table[r], n - 1, state)
+            changed.append((r, s.live_blocks(table[r], n), s.live_length(n)))
+        if not changed:
+            return metadata
+        table, seq_lens = table.clone(), metadata.seq_lens.clone()
+        for r, blocks, length in changed:
+            table[r, : len(blocks)] = blocks
+            table[r, len(blocks):] = 0
+            seq_lens[r] = length
+        return dataclasses.replace(metadata, block_table_tensor=table, seq_lens=seq_lens)
+
+    # -- one request ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compact(self, row: torch.Tensor, position: int, state: RequestState) -> torch.Tensor:
+        """Keep ``budget`` tokens per KV head of the request whose block table row is ``row``, about to write
+        ``position`` (its cache holds ``budget + divide_length`` tokens); returns the kept slots ``[X, 1, Hkv, B]``."""
+        if self.layout is None:
+            self.bind(*self.source())
+        s, layout = self.schedule, self.layout
+        bs = s.block_size
+        blocks = torch.cat([row[: s.kept_blocks], row[(position - s.divide_length) // bs: position // bs]])
+        heads = layout.num_kv_heads
+        tail = torch.arange(position - s.divide_length, position, device=row.device)
+        kept = (torch.arange(s.budget, device=row.device).expand(1, heads, s.budget) if state.positions is None
+                else state.positions)
+        positions = torch.cat([kept, tail.expand(kept.shape[0], heads, -1)], -1)  # [X, Hkv, N]
+        keys = [gather_tokens(p, blocks, 0) for p in self.paged]
+        values = [gather_tokens(p, blocks, 1) for p in self.paged]
+        inputs = self.inputs(keys, values, positions, position, state)
+        keep = keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window, s.budget)
+        for i, paged in enumerate(self.paged):
+            idx = keep[i if keep.shape[0] > 1 else 0, 0]  # [Hkv, B]
+            for kind, tokens in ((0, keys[i]), (1, values[i])):
+                picked = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+                scatter_tokens(paged, blocks[: s.kept_blocks], kind, picked)
+        if len(self.records) < self.record_limit:
+            self.records.append({"position": position, "prompt": state.prompt, "round": state.rounds,
+                                 "positions": positions.tolist(), "keep": keep.tolist(),
+                                 "keys": [k.tolist() for k in keys], "values": [v.tolist() for v in values]})
+        state.positions = positions.expand(keep.shape[0], -1, -1).gather(-1, keep[:, 0])
+        state.rounds += 1
+        self.compactions += 1
+        return keep
+
+    def bind(self, layout: Layout, stats: QueryStats, kv_caches: list[torch.Tensor]) -> None:
+        """Take the layout, statistics and paged KV tensors (``source``'s result)."""
+        if layout.latent_maps or layout.windowed_layers:
+            raise ValueError("TriAttention in vLLM supports full-attention layers with per-head keys; this model has "
+                             "latent (MLA) or sliding-window layers")
+        self.layout, self.stats, self.paged = layout, stats, [paged_view(kv) for kv in kv_caches]
+
+    def inputs(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, position: int,
+               state: RequestState) -> CompactionInputs:
+        """What the policy sees (``schedule.compaction_inputs`` of the HF path, for one request of vLLM's cache)."""
+        layout, stats = self.layout, self.stats
+        start = layout.rotary.rotary_start
+        num_layers = len(keys)
+        return CompactionInputs(
+            keys=[(k.roll(-start, -1) if start else k)[None] for k in keys],
+            positions=positions[:, None].expand(num_layers, -1, -1, -1),
+            next_position=position,
+            num_protected=state.prompt if self.protect_prompt else 0,
+            round=state.rounds,
+            q_mean=stats.q_mean(),
+            q_abs=stats.q_abs(),
+            omega=layout.omega,
+            pairing=layout.rotary.key_pairing,
+            scale=float(layout.attention_scaling),
+            q_pass=stats.q_pass_mean(),
+            values=[v[None] for v in values],
+            budget=self.schedule.budget,
+        )
+
+    def report(self) -> dict:
+        """JSON-able: compactions so far, requests seen, and the recorded compactions (``TRIATTN_VLLM_RECORD``)."""
+        return {"compactions": self.compactions, "requests": len(self.requests), "records": self.records}
