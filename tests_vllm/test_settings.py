@@ -63,3 +63,10 @@ def test_engine_refuses_bad_setting_in_one_line(model_dir):
 def test_engine_refuses_eager_mode(model_dir, stats_file):
     with pytest.raises(SettingsError, match=r"compilation is off \(enforce_eager"):
         _config(model_dir, enforce_eager=True, additional_config={"triattn": {"budget": 256, "stats": str(stats_file)}})
+
+
+def test_engine_refuses_prefix_caching_in_one_line(model_dir, stats_file):
+    triattn = {"budget": 256, "stats": str(stats_file)}
+    with pytest.raises(SettingsError, match=r"^additional_config\['triattn'\]: prefix caching cannot") as info:
+        _config(model_dir, enable_prefix_caching=True, additional_config={"triattn": triattn})
+    assert "\n" not in str(info.value)
