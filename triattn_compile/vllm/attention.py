@@ -57,10 +57,13 @@ def compressors() -> list[PagedCompressor]:
 class TriAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     """``CPUAttentionMetadataBuilder`` whose input metadata passes through the compressor first."""
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, **kwargs)
+        self.compressor = compressor_for(vllm_config)  # once: the settings are parsed here, not every step
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        compressor = compressor_for(self.vllm_config)
-        if compressor is not None:
-            common_attn_metadata = compressor.before_attention(common_attn_metadata)
+        if self.compressor is not None:
+            common_attn_metadata = self.compressor.before_attention(common_attn_metadata)
         return super().build(common_prefix_len, common_attn_metadata, fast_build)
 
 
