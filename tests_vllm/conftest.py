@@ -122,16 +122,20 @@ EVICTION_PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "In 
                     "SELECT name, email FROM users WHERE", "The mitochondria is the powerhouse of the cell, and",
                     "Roses are red, violets are blue, sugar is sweet, and so are you. The end of the"]
 EVICTION_TOKENS = 1000
+EVICTION_POOL = 8 * 3 + 1  # blocks: the 8 requests' peaks at B = 128 (3 blocks each), plus vLLM's null block
+OVERFLOW = (12, 300)  # then 12 requests of 300 tokens: more than the pool holds at their peaks
 
 
 @pytest.fixture(scope="session")
 def eviction_run(model_dir, workdir, stats_file, triattn_run) -> dict:
-    """B = 128, 8 concurrent requests of different prompt lengths, 1,000 generated tokens each; the first
-    compactions recorded (keys, positions, keep sets); then a prompt longer than the budget."""
+    """B = 128, 8 concurrent requests of different prompt lengths, 1,000 generated tokens each, in a pool that holds
+    their 8 peaks; the first compactions recorded (keys, positions, keep sets); then a prompt longer than the budget,
+    then 12 requests at once (:data:`OVERFLOW`)."""
     out = workdir / "eviction.json"
     cmd = [sys.executable, str(HERE / "engine.py"), str(model_dir), str(out), "--triattn",
            json.dumps({"budget": 128, "stats": str(stats_file)}), "--max-tokens", str(EVICTION_TOKENS),
-           "--max-model-len", "2048", "--long-prompt", "200"]
+           "--max-model-len", "2048", "--long-prompt", "200", "--kv-blocks", str(EVICTION_POOL), "--overflow",
+           *map(str, OVERFLOW)]
     for prompt in EVICTION_PROMPTS:
         cmd += ["--prompt", prompt]
     done = run(cmd, {**ENGINE_ENV, "TRIATTN_VLLM_RECORD": "10"})

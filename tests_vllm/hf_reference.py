@@ -1,15 +1,19 @@
 """What the project's HF path finds for a checkpoint, for the vLLM tests to compare with. Runs in the main venv
 (transformers >= 5.23), not in the vLLM one:
 
-    python tests_vllm/hf_reference.py MODEL OUT.json
+    python tests_vllm/hf_reference.py MODEL OUT.json [--keys IDS.json]
 
 OUT.json: ``triattn_compile.discover(model)`` as the same dict ``VllmLayout.as_dict`` gives (without layer names).
+With ``--keys``: instead, the post-RoPE keys the unmodified HF model caches for each token id list in IDS.json
+(``[[ids], ...]`` -> ``[[per layer [Hkv, len, D]], ...]``, float32, one forward each).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+import torch
 
 import triattn_compile as tc
 from triattn_compile.loading import load_model
@@ -28,10 +32,21 @@ def layout_dict(layout) -> dict:
     }
 
 
+@torch.no_grad()
+def cached_keys(model, ids: list[int]) -> list:
+    cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+    return [layer.keys[0].tolist() for layer in cache.layers]
+
+
 def main() -> None:
     model, _ = load_model(sys.argv[1])
+    if "--keys" in sys.argv:
+        with open(sys.argv[sys.argv.index("--keys") + 1]) as fh:
+            result = [cached_keys(model, ids) for ids in json.load(fh)]
+    else:
+        result = layout_dict(tc.discover(model))
     with open(sys.argv[2], "w") as fh:
-        json.dump(layout_dict(tc.discover(model)), fh)
+        json.dump(result, fh)
 
 
 if __name__ == "__main__":

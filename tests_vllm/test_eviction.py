@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import EVICTION_PROMPTS, EVICTION_TOKENS
+from conftest import EVICTION_POOL, EVICTION_PROMPTS, EVICTION_TOKENS, HERE, OVERFLOW, hf_python, run
 
 from triattn_compile.config import TriAttentionConfig
 from triattn_compile.schedule import Compressor
@@ -24,18 +24,34 @@ def test_every_request_compacts_on_its_own_schedule(eviction_run):
     assert all(len(o) == EVICTION_TOKENS for o in eviction_run["outputs"])
     # a compaction at the start of each step writing B + 128 k, k >= 1, before the request's last token
     expected = sum(sum(schedule.compacts_at(p) for p in range(n - 1)) for n in lengths)
+    count, tokens = OVERFLOW  # then the overflow requests (the first prompt)
+    overflow = count * sum(schedule.compacts_at(p) for p in range(eviction_run["prompt_lengths"][0] + tokens - 1))
     compaction = eviction_run["reports"][0]["compaction"]
-    assert [c["compactions"] for c in compaction] == [expected] and expected >= 8 * 6
+    assert [c["compactions"] for c in compaction] == [expected + overflow] and expected >= 8 * 6 and overflow
 
 
 def test_blocks_bounded_and_returned(eviction_run):
     pool = eviction_run["pool"]
     bs = pool["block_size"]
+    peak = PagedSchedule(BUDGET, 128, bs).peak_blocks
     # B + 128 tokens, plus the block being written while the dropped ones wait one step to be freed
-    assert pool["max_blocks_held"] <= (BUDGET + 128) // bs + 1
+    assert peak == (BUDGET + 128) // bs + 1 and pool["max_blocks_held"] <= peak
+    assert pool["free_before"] == EVICTION_POOL - 1  # the pool holds the 8 peaks, no more
     assert pool["free_after"] == pool["free_before"]  # no leak
     lengths = [p + EVICTION_TOKENS for p in eviction_run["prompt_lengths"]]
-    assert pool["freed"] > sum(n // bs for n in lengths) - 8 * ((BUDGET + 128) // bs + 1)
+    assert pool["freed"] > sum(n // bs for n in lengths) - 8 * peak
+
+
+def test_admission_waits_for_blocks_instead_of_preempting(eviction_run):
+    """12 requests at once in a pool that holds 8 peaks: 8 run, the rest wait and run as blocks come back; none is
+    preempted (without the cap, 12 requests reach their third block in the same step and vLLM preempts, and the
+    recompute past the budget stops the worker)."""
+    pool = eviction_run["pool"]
+    count, tokens = OVERFLOW
+    assert pool["max_active"] == 8 and pool["max_running"] == 8
+    assert pool["preemptions"] == 0
+    assert len(eviction_run["overflow"]) == count and all(len(o) == tokens for o in eviction_run["overflow"])
+    assert pool["free_at_end"] == pool["free_before"]
 
 
 def test_keep_sets_equal_the_hf_path(eviction_run, stats_file):
@@ -59,7 +75,29 @@ def test_keep_sets_equal_the_hf_path(eviction_run, stats_file):
         assert compressor.compact(cache, 0).tolist() == record["keep"], json.dumps(record["position"])
 
 
+def test_paged_keys_are_the_hf_models_keys(eviction_run, model_dir, workdir):
+    """The keys the worker gathered from vLLM's paged cache for a first compaction (positions 0 .. B + 127 of one
+    request) equal the post-RoPE keys the unmodified HF model caches for the same tokens (main venv, float32)."""
+    records = [r for r in eviction_run["reports"][0]["compaction"][0]["records"] if r["round"] == 0][:2]
+    by_prompt = {len(p): p + o for p, o in zip(eviction_run["prompt_token_ids"], eviction_run["outputs"])}
+    ids = [by_prompt[r["prompt"]][: r["position"]] for r in records]
+    assert len(records) == 2 and all(len(x) == BUDGET + 128 for x in ids)
+    for r in records:  # round 0 gathers every position in order
+        assert r["positions"][0][0] == list(range(BUDGET + 128))
+    (workdir / "ids.json").write_text(json.dumps(ids))
+    done = run([hf_python(), str(HERE / "hf_reference.py"), str(model_dir), str(workdir / "hf-keys.json"), "--keys",
+                str(workdir / "ids.json")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for record, hf in zip(records, json.loads((workdir / "hf-keys.json").read_text())):
+        for layer, (paged, reference) in enumerate(zip(record["keys"], hf)):
+            torch.testing.assert_close(torch.tensor(paged), torch.tensor(reference), rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, layer=layer: f"layer {layer}: {m}")
+
+
 def test_prompt_longer_than_budget_refused_in_one_line(eviction_run):
-    message = eviction_run["refused"]
-    assert message and "\n" not in message
-    assert message.startswith("TriAttention: prompt of 200 tokens is longer than the budget 128")
+    """Refused by the front end's prompt check, like a prompt longer than max_model_len, before it reaches the engine:
+    the engine then serves the overflow requests (a request left half-registered would hang them)."""
+    refused = eviction_run["refused"]
+    assert refused and refused["error"] == "VLLMValidationError" and "\n" not in refused["message"]
+    assert refused["message"].startswith("TriAttention: prompt of 200 tokens is longer than the budget 128")
+    assert eviction_run["overflow"] is not None

@@ -70,3 +70,18 @@ def test_engine_refuses_prefix_caching_in_one_line(model_dir, stats_file):
     with pytest.raises(SettingsError, match=r"^additional_config\['triattn'\]: prefix caching cannot") as info:
         _config(model_dir, enable_prefix_caching=True, additional_config={"triattn": triattn})
     assert "\n" not in str(info.value)
+
+
+def test_engine_refuses_stats_inside_the_model_folder(model_dir, stats_file, tmp_path):
+    """vLLM loads every ``*.safetensors`` of the model's folder as weights: a stats file there is refused."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in model_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    inside = folder / "stats.safetensors"
+    shutil.copy(stats_file, inside)
+    with pytest.raises(SettingsError, match=r"is in the model's folder, where vLLM would load it as weights") as info:
+        _config(folder, additional_config={"triattn": {"budget": 256, "stats": str(inside)}})
+    assert "\n" not in str(info.value)

@@ -10,11 +10,12 @@ tensors are bound after the builders are made.
 
 from __future__ import annotations
 
+import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
 
 from triattn_compile.policies import TriAttention
 from triattn_compile.vllm.backend import discovered
-from triattn_compile.vllm.compaction import PagedCompressor
+from triattn_compile.vllm.compaction import BlockLayout, PagedCompressor
 from triattn_compile.vllm.paged import PagedSchedule
 from triattn_compile.vllm.settings import parse_settings
 
@@ -46,7 +47,47 @@ def _sources(vllm_config):
     from triattn_compile.vllm.worker import kv_tensor
 
     context = vllm_config.compilation_config.static_forward_context
-    return found.layout, stats, [kv_tensor(context[name]) for name in found.layer_names]
+    kv = [kv_tensor(context[name]) for name in found.layer_names]
+    return found.layout, stats, kv, probe_layout(kv[0], getattr(context[found.layer_names[0]], "isa", None),
+                                                 vllm_config.cache_config.cache_dtype)
+
+
+DIGIT = 64  # the probe writes base-64 digits: integers below 256 are exact in bfloat16 and float16
+
+
+def probe_layout(kv: torch.Tensor, isa: str | None, cache_dtype: str) -> BlockLayout:
+    """Where vLLM's own cache-write op (``cpu_attn_reshape_and_cache``, the layer's ISA) puts token ``t``, dim ``d``
+    of a block: it writes the digits of ``t * D + d`` as keys and values into a scratch block shaped like ``kv``'s,
+    and the offsets are read back (no layout is assumed)."""
+    from vllm import _custom_ops as ops
+
+    if isa is None or cache_dtype != "auto":
+        raise RuntimeError(f"TriAttention in vLLM: the CPU attention's cache layout could not be probed (isa {isa}, "
+                           f"kv cache dtype {cache_dtype}); a quantized KV cache is not supported, drop kv_cache_dtype")
+    _, heads, size, width = kv.shape
+    dim = width // 2
+    cells = size * dim
+    code = torch.arange(cells).view(size, 1, dim).expand(size, heads, dim)  # token t, head h, dim d: t * D + d
+    offsets = [torch.zeros(cells, dtype=torch.long) for _ in range(2)]
+    places = 1
+    while DIGIT**places < cells:
+        places += 1
+    for place in range(places):
+        digit = (code // DIGIT**place % DIGIT).to(kv.dtype).contiguous()
+        scratch = torch.full((2, heads, size, width), -1.0, dtype=kv.dtype).view(2, heads, 2 * size, dim)
+        key_cache, value_cache = scratch.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(digit, digit, key_cache, value_cache, torch.arange(size) + size, isa)
+        region = scratch[1].reshape(heads, 2, cells)[0]  # block 1, head 0: [key region ; value region]
+        for kind in range(2):
+            offsets[kind] += region[kind].long() * DIGIT**place
+    if any(not torch.equal(o.sort().values, torch.arange(cells)) for o in offsets):
+        raise RuntimeError(f"TriAttention in vLLM: the CPU attention ({isa}) does not store one value per cell of a "
+                           "block; its cache layout is not supported")
+    order = [torch.empty_like(o) for o in offsets]
+    for kind in range(2):  # offsets[kind][j] is the code stored at cell j; invert it
+        order[kind][offsets[kind]] = torch.arange(cells)
+    key, value = (None if torch.equal(o, torch.arange(cells)) else o for o in order)
+    return BlockLayout(key, value, size, dim)
 
 
 def compressors() -> list[PagedCompressor]:

@@ -8,7 +8,8 @@ the request's leading blocks, and point attention at the live blocks (:mod:`~tri
   (a block is owned by one request at a time, and with prefix caching off a request starts at position 0);
 - compacts the rows whose step writes position ``budget + divide_length·k``: the same policy and keep-slot code as
   the HF path (``policies.py``, ``kernels/compact.keep_slots``) on the request's post-RoPE keys gathered from the
-  paged tensors (``[num_blocks, Hkv, 2, block_size, D]``: K rows, then V rows, per block and KV head);
+  paged tensors (per block and KV head a key region and a value region, ``[num_blocks, Hkv, 2, block_size * D]``,
+  each laid out as the attention kernel's ISA wants: :class:`BlockLayout`);
 - returns the metadata with ``seq_lens`` and block table rows rewritten to the live blocks; positions and the slot
   mapping stay absolute.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,23 +43,56 @@ class RequestState:
     rounds: int = 0
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where token ``t``, dim ``d`` of one (block, KV head) sits in the attention kernel's K and V regions: flat
+    offsets ``[block_size * D]``, indexed ``t * D + d`` (the CPU kernel's layout depends on its ISA: on AVX2, "vec",
+    keys are stored dim-major and values token-major; found by :func:`~triattn_compile.vllm.attention.probe_layout`)."""
+
+    key: torch.Tensor | None  # None: token-major (no reordering)
+    value: torch.Tensor | None
+    block_size: int
+    dim: int
+
+    @staticmethod
+    def token_major(block_size: int, dim: int) -> BlockLayout:
+        return BlockLayout(None, None, block_size, dim)
+
+
+def _read(region: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return region if order is None else region[..., order]
+
+
 def paged_view(kv: torch.Tensor) -> torch.Tensor:
-    """vLLM's CPU KV tensor ``[num_blocks, Hkv, block_size, 2 * D]`` as ``[num_blocks, Hkv, 2, block_size, D]``
-    (index 0: keys, 1: values; the attention kernel reads it as ``[nb, Hkv, 2 * bs, D]``)."""
-    blocks, heads, size, width = kv.shape
-    return kv.view(blocks, heads, 2, size, width // 2)
+    """vLLM's CPU KV tensor ``[num_blocks, Hkv, block_size, 2 * D]`` as ``[num_blocks, Hkv, 2, block_size * D]``
+    (index 0: the keys' region, 1: the values'; the attention kernel reads it as ``[nb, Hkv, 2 * bs, D]``)."""
+    blocks, heads, _, _ = kv.shape
+    return kv.view(blocks, heads, 2, -1)
 
 
-def gather_tokens(paged: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
-    """Keys (``kind`` 0) or values (1) of ``blocks``, in order: ``[Hkv, len(blocks) * block_size, D]``."""
-    part = paged[blocks, :, kind]  # [n, Hkv, bs, D]
-    return part.permute(1, 0, 2, 3).reshape(part.shape[1], -1, part.shape[-1])
+def request_tokens(paged: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """The keys and values of ``blocks``, token-major: ``[Hkv, len(blocks) * block_size, 2, D]`` (a copy)."""
+    part = paged[blocks]  # [n, Hkv, 2, bs * D]
+    n, heads = part.shape[:2]
+    tokens = torch.stack([_read(part[:, :, 0], layout.key), _read(part[:, :, 1], layout.value)], 2)
+    size, dim = layout.block_size, layout.dim
+    return tokens.view(n, heads, 2, size, dim).permute(1, 0, 3, 2, 4).reshape(heads, n * size, 2, dim)
 
 
-def scatter_tokens(paged: torch.Tensor, blocks: torch.Tensor, kind: int, tokens: torch.Tensor) -> None:
-    """In place: ``tokens`` ``[Hkv, len(blocks) * block_size, D]`` into ``blocks``."""
-    heads, _, dim = tokens.shape
-    paged[blocks, :, kind] = tokens.view(heads, len(blocks), -1, dim).permute(1, 0, 2, 3).to(paged.dtype)
+def move_kept(paged: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
+              kept_blocks: int, layout: BlockLayout) -> None:
+    """In place: the tokens ``keep`` ``[Hkv, B]`` of each KV head (indices into ``tokens``, the
+    :func:`request_tokens` of ``blocks``) into the first ``B`` token slots of ``blocks[:kept_blocks]``."""
+    heads, n, _, dim = tokens.shape
+    rows = keep + torch.arange(heads, device=keep.device)[:, None] * n
+    picked = tokens.reshape(heads * n, 2 * dim).index_select(0, rows.flatten())  # [Hkv * B, 2 D]
+    picked = picked.view(heads, kept_blocks, -1, 2, dim).permute(1, 0, 3, 2, 4).reshape(kept_blocks, heads, 2, -1)
+    if layout.key is not None or layout.value is not None:
+        region = torch.empty_like(picked)
+        for kind, order in enumerate((layout.key, layout.value)):
+            region[:, :, kind, slice(None) if order is None else order] = picked[:, :, kind]
+        picked = region
+    paged[blocks[:kept_blocks]] = picked
 
 
 class PagedCompressor:
@@ -65,14 +100,15 @@ class PagedCompressor:
 
     Args:
         schedule: budget, divide length and block size.
-        source: returns ``(layout, stats, kv_caches)`` when the first compaction needs them: the layout discovery
-            found in vLLM's graph, the query statistics validated against it, and per discovered layer its paged
-            KV tensor (none of them exists yet when vLLM makes its metadata builders).
+        source: returns ``(layout, stats, kv_caches[, block_layout])`` when the first compaction needs them: the
+            layout discovery found in vLLM's graph, the query statistics validated against it, per discovered layer
+            its paged KV tensor (none of them exists yet when vLLM makes its metadata builders), and where the
+            attention kernel stores a token in a block (:class:`BlockLayout`).
         policy: the eviction policy (TriAttention's score by default).
         protect_prompt: the prompt is kept whole.
     """
 
-    def __init__(self, schedule: PagedSchedule, source: Callable[[], tuple[Layout, QueryStats, list[torch.Tensor]]],
+    def __init__(self, schedule: PagedSchedule, source: Callable[[], tuple],
                  policy: Policy | None = None, protect_prompt: bool = True):
         policy = TriAttention() if policy is None else policy
         if policy.query_window or policy.accumulate_attention:
@@ -82,8 +118,10 @@ class PagedCompressor:
         self.layout: Layout | None = None
         self.stats: QueryStats | None = None
         self.paged: list[torch.Tensor] = []
+        self.block_layout: BlockLayout | None = None
         self.requests: dict[int, RequestState] = {}
         self.compactions = 0
+        self.seconds = {"compaction": 0.0, "metadata": 0.0}  # wall time in compact() / the rest of before_attention
         self.records: list[dict] = []
         self.record_limit = int(os.environ.get(RECORD_ENV, "0") or 0)
 
@@ -91,6 +129,12 @@ class PagedCompressor:
     def before_attention(self, metadata):
         """Compact the rows due this step and return ``metadata`` (vLLM's ``CommonAttentionMetadata``) with their
         ``seq_lens`` / block table rows pointing at the live blocks."""
+        start, compacting = time.perf_counter(), self.seconds["compaction"]
+        out = self._rewrite(metadata)
+        self.seconds["metadata"] += time.perf_counter() - start - (self.seconds["compaction"] - compacting)
+        return out
+
+    def _rewrite(self, metadata):
         s = self.schedule
         rows = metadata.num_reqs
         lengths = metadata.seq_lens[:rows].tolist()
@@ -136,6 +180,7 @@ class PagedCompressor:
         ``position`` (its cache holds ``budget + divide_length`` tokens); returns the kept slots ``[X, 1, Hkv, B]``."""
         if self.layout is None:
             self.bind(*self.source())
+        start = time.perf_counter()
         s, layout = self.schedule, self.layout
         bs = s.block_size
         blocks = torch.cat([row[: s.kept_blocks], row[(position - s.divide_length) // bs: position // bs]])
@@ -144,30 +189,32 @@ class PagedCompressor:
         kept = (torch.arange(s.budget, device=row.device).expand(1, heads, s.budget) if state.positions is None
                 else state.positions)
         positions = torch.cat([kept, tail.expand(kept.shape[0], heads, -1)], -1)  # [X, Hkv, N]
-        keys = [gather_tokens(p, blocks, 0) for p in self.paged]
-        values = [gather_tokens(p, blocks, 1) for p in self.paged]
+        tokens = [request_tokens(p, blocks, self.block_layout) for p in self.paged]  # per layer [Hkv, N, 2, D]
+        keys, values = [t[:, :, 0] for t in tokens], [t[:, :, 1] for t in tokens]
         inputs = self.inputs(keys, values, positions, position, state)
         keep = keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window, s.budget)
-        for i, paged in enumerate(self.paged):
-            idx = keep[i if keep.shape[0] > 1 else 0, 0]  # [Hkv, B]
-            for kind, tokens in ((0, keys[i]), (1, values[i])):
-                picked = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
-                scatter_tokens(paged, blocks[: s.kept_blocks], kind, picked)
         if len(self.records) < self.record_limit:
             self.records.append({"position": position, "prompt": state.prompt, "round": state.rounds,
                                  "positions": positions.tolist(), "keep": keep.tolist(),
                                  "keys": [k.tolist() for k in keys], "values": [v.tolist() for v in values]})
+        for i, paged in enumerate(self.paged):
+            move_kept(paged, blocks, tokens[i], keep[i if keep.shape[0] > 1 else 0, 0], s.kept_blocks,
+                      self.block_layout)
         state.positions = positions.expand(keep.shape[0], -1, -1).gather(-1, keep[:, 0])
         state.rounds += 1
         self.compactions += 1
+        self.seconds["compaction"] += time.perf_counter() - start
         return keep
 
-    def bind(self, layout: Layout, stats: QueryStats, kv_caches: list[torch.Tensor]) -> None:
-        """Take the layout, statistics and paged KV tensors (``source``'s result)."""
+    def bind(self, layout: Layout, stats: QueryStats, kv_caches: list[torch.Tensor],
+             block_layout: BlockLayout | None = None) -> None:
+        """Take the layout, statistics, paged KV tensors and where the kernel puts a token in a block (``source``'s
+        result; token-major where not given)."""
         if layout.latent_maps or layout.windowed_layers:
             raise ValueError("TriAttention in vLLM supports full-attention layers with per-head keys; this model has "
                              "latent (MLA) or sliding-window layers")
         self.layout, self.stats, self.paged = layout, stats, [paged_view(kv) for kv in kv_caches]
+        self.block_layout = block_layout or BlockLayout.token_major(self.schedule.block_size, layout.head_dim)
 
     def inputs(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, position: int,
                state: RequestState) -> CompactionInputs:
@@ -192,5 +239,7 @@ class PagedCompressor:
         )
 
     def report(self) -> dict:
-        """JSON-able: compactions so far, requests seen, and the recorded compactions (``TRIATTN_VLLM_RECORD``)."""
-        return {"compactions": self.compactions, "requests": len(self.requests), "records": self.records}
+        """JSON-able: compactions so far, requests seen, wall seconds spent compacting and rewriting metadata, and the
+        recorded compactions (``TRIATTN_VLLM_RECORD``)."""
+        return {"compactions": self.compactions, "requests": len(self.requests), "seconds": dict(self.seconds),
+                "records": self.records}

@@ -47,6 +47,12 @@ class PagedSchedule:
     def kept_blocks(self) -> int:
         return self.budget // self.block_size
 
+    @property
+    def peak_blocks(self) -> int:
+        """Most blocks a request holds at once (prompt protected): ``capacity / block_size`` before a compaction,
+        plus the block the compacting step writes into while the dropped ones wait to be freed on the next step."""
+        return self.capacity // self.block_size + 1
+
     def last_compaction(self, position: int) -> int:
         """Absolute length at the latest compaction done by the time position ``position`` is written (a multiple
         of the block size), or 0 before the first."""

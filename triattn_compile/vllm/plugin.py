@@ -1,19 +1,24 @@
 """The ``vllm.general_plugins`` entry point: :func:`register` (``triattn = "triattn_compile.vllm:register"``).
 
-vLLM calls it in every process it starts (main, EngineCore, workers). It wraps ``EngineArgs.create_engine_config``
-so that, where the engine's ``additional_config`` has a ``triattn`` key (:mod:`~triattn_compile.vllm.settings`),
+vLLM calls it in every process it starts (main, EngineCore, workers). It wraps two vLLM methods, and both do
+nothing more than vLLM's own where the engine has no ``triattn`` setting: ``EngineArgs.create_engine_config``, so
+that, where the engine's ``additional_config`` has a ``triattn`` key (:mod:`~triattn_compile.vllm.settings`),
 the settings are validated in the main process (one-line :class:`SettingsError`) and the compile backend becomes
 :mod:`~triattn_compile.vllm.backend` (discovery, then vLLM's own backend), with vLLM's compile cache off
-(``VLLM_DISABLE_COMPILE_CACHE=1`` unless set: a cached artifact would skip discovery). Without the key the config
-is returned untouched. :func:`unregister` removes the wrapper.
+(``VLLM_DISABLE_COMPILE_CACHE=1`` unless set: a cached artifact would skip discovery); and
+``InputProcessor._validate_prompt_len``, so that a prompt longer than the budget is refused like one longer than
+``max_model_len`` (``VLLMValidationError``: HTTP 400 when serving) before it reaches the engine. :func:`unregister`
+removes both.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
-from triattn_compile.vllm.settings import SETTINGS_KEY, SettingsError, parse_settings
+from triattn_compile.config import BUDGET
+from triattn_compile.vllm.settings import SETTINGS_KEY, SettingsError, parse_settings, prompt_too_long
 
 _WRAPPED = "_triattn_wrapped"
 
@@ -45,6 +50,9 @@ def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
     if settings.stats is None:
         raise SettingsError(f"{where}: vLLM needs a statistics file (online calibration is not available there "
                             "yet); make one with `triattn calibrate --model <this model's HF folder>` and set stats")
+    if Path(settings.stats).resolve().parent == Path(vllm_config.model_config.model).resolve():
+        raise SettingsError(f"{where}: the stats file {settings.stats} is in the model's folder, where vLLM would load "
+                            "it as weights; move it out of the folder")
     if not settings.protect_prompt:
         raise SettingsError(f"{where}: protect_prompt false is not supported in vLLM yet; drop it")
     if prefix_caching:
@@ -80,13 +88,8 @@ def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
 
 
-def register() -> None:
-    """Install the wrapper (idempotent: vLLM may load plugins more than once per process)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    original = EngineArgs.create_engine_config
-    if getattr(original, _WRAPPED, False):
-        return
+def _create_engine_config(original):
+    """``EngineArgs.create_engine_config`` followed by :func:`switch_on`."""
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
@@ -95,17 +98,53 @@ def register() -> None:
         switch_on(config, asked)
         return config
 
-    setattr(create_engine_config, _WRAPPED, True)
-    EngineArgs.create_engine_config = create_engine_config
+    return create_engine_config
+
+
+def _validate_prompt_len(original):
+    """``InputProcessor._validate_prompt_len`` that also refuses a prompt longer than the budget, with vLLM's
+    request-validation error (HTTP 400 when serving), before the request reaches the engine."""
+
+    @functools.wraps(original)
+    def validate_prompt_len(self, prompt_len, prompt_type):
+        original(self, prompt_len, prompt_type)
+        raw = (self.vllm_config.additional_config or {}).get(SETTINGS_KEY)
+        if raw is None or prompt_type != "decoder":
+            return
+        from vllm.exceptions import VLLMValidationError
+
+        message = prompt_too_long(prompt_len, raw.get("budget", BUDGET), self.vllm_config.cache_config.block_size)
+        if message:
+            raise VLLMValidationError(message)
+
+    return validate_prompt_len
+
+
+def _targets():
+    """``(class, method name, wrapper factory)`` of every method the plugin wraps."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    return [(EngineArgs, "create_engine_config", _create_engine_config),
+            (InputProcessor, "_validate_prompt_len", _validate_prompt_len)]
+
+
+def register() -> None:
+    """Install the wrappers (idempotent: vLLM may load plugins more than once per process)."""
+    for owner, name, wrap in _targets():
+        original = getattr(owner, name)
+        if not getattr(original, _WRAPPED, False):
+            wrapped = wrap(original)
+            setattr(wrapped, _WRAPPED, True)
+            setattr(owner, name, wrapped)
 
 
 def unregister() -> None:
-    """Remove the wrapper :func:`register` installed."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    current = EngineArgs.create_engine_config
-    if getattr(current, _WRAPPED, False):
-        EngineArgs.create_engine_config = current.__wrapped__
+    """Remove the wrappers :func:`register` installed."""
+    for owner, name, _ in _targets():
+        current = getattr(owner, name)
+        if getattr(current, _WRAPPED, False):
+            setattr(owner, name, current.__wrapped__)
 
 
 __all__ = ["SettingsError", "register", "switch_on", "unregister"]

@@ -6,10 +6,12 @@ one addition before each ``schedule()``: for every running request, the logical 
 run by the worker dropped (:meth:`~triattn_compile.vllm.paged.PagedSchedule.freeable_blocks`) are replaced by the
 null block in the request's block list and freed, as vLLM's sliding-window manager does for blocks that left its
 window. A compaction's blocks are freed on the step after the one that gathered from them, so they are never written
-by another request before being read. Finished and aborted requests free the rest through vLLM's own path. A prompt
-longer than the budget is refused (the prompt is protected, as on the HF path): a ``ValueError`` from
-``add_request``, which reaches the caller with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and
-stops the engine-core process otherwise.
+by another request before being read. Since a request never holds more than
+:attr:`~triattn_compile.vllm.paged.PagedSchedule.peak_blocks`, admission is capped at the number of requests whose
+peaks fit in the pool together: a running request is never preempted (its recompute would be a prefill longer than
+the budget). Finished and aborted requests free the rest through vLLM's own path. A prompt
+longer than the budget is refused before it reaches the engine, by the front end's prompt check (``plugin.py``);
+``add_request`` refuses it again for clients that bypass that front end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from triattn_compile.vllm.paged import PagedSchedule
-from triattn_compile.vllm.settings import parse_settings
+from triattn_compile.vllm.settings import parse_settings, prompt_too_long
 
 
 class TriAttentionScheduler(Scheduler):
@@ -28,6 +30,8 @@ class TriAttentionScheduler(Scheduler):
         settings = parse_settings(vllm_config.additional_config)
         self.triattn = PagedSchedule(settings.budget, settings.divide_length, vllm_config.cache_config.block_size)
         self.triattn_freed_blocks = 0
+        usable = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # block 0 is the null block
+        self.max_num_active_reqs = max(1, min(self.max_num_active_reqs, usable // self.triattn.peak_blocks))
 
     def free_compacted_blocks(self) -> int:
         """Free the dropped blocks of every running request; returns how many were freed."""
@@ -43,12 +47,10 @@ class TriAttentionScheduler(Scheduler):
         return freed
 
     def add_request(self, request) -> None:
-        """Refuse a prompt longer than the budget: the prompt is protected, so it must fit in the kept tokens."""
-        length, bs = request.num_prompt_tokens, self.triattn.block_size
-        if length > self.triattn.budget:
-            raise ValueError(f"TriAttention: prompt of {length} tokens is longer than the budget "
-                             f"{self.triattn.budget} (the prompt is always kept); raise additional_config['triattn']"
-                             f"['budget'] to at least {-(-length // bs) * bs} or shorten the prompt")
+        """Refuse a prompt longer than the budget (the front end refuses it first: ``plugin.py``)."""
+        message = prompt_too_long(request.num_prompt_tokens, self.triattn.budget, self.triattn.block_size)
+        if message:
+            raise ValueError(message)
         super().add_request(request)
 
     def schedule(self, *args, **kwargs):

@@ -74,3 +74,13 @@ def parse_settings(additional_config: object) -> VllmSettings | None:
         raise SettingsError(f"{where}: stats file {settings.stats} does not exist; make it with `triattn calibrate "
                             "--model <this model's HF folder>`")
     return settings
+
+
+def prompt_too_long(length: int, budget: int, block_size: int) -> str | None:
+    """The one-line refusal of a prompt of ``length`` tokens under ``budget`` (the prompt is protected, so it must fit
+    in the kept tokens), or ``None`` where it fits."""
+    if length <= budget:
+        return None
+    return (f"TriAttention: prompt of {length} tokens is longer than the budget {budget} (the prompt is always "
+            f"kept); raise additional_config['{SETTINGS_KEY}']['budget'] to at least "
+            f"{-(-length // block_size) * block_size} or shorten the prompt")
