@@ -59,10 +59,6 @@ class BlockLayout:
         return BlockLayout(None, None, block_size, dim)
 
 
-def _read(region: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    return region if order is None else region[..., order]
-
-
 def paged_view(kv: torch.Tensor) -> torch.Tensor:
     """vLLM's CPU KV tensor ``[num_blocks, Hkv, block_size, 2 * D]`` as ``[num_blocks, Hkv, 2, block_size * D]``
     (index 0: the keys' region, 1: the values'; the attention kernel reads it as ``[nb, Hkv, 2 * bs, D]``)."""
@@ -72,11 +68,13 @@ def paged_view(kv: torch.Tensor) -> torch.Tensor:
 
 def request_tokens(paged: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """The keys and values of ``blocks``, token-major: ``[Hkv, len(blocks) * block_size, 2, D]`` (a copy)."""
-    part = paged[blocks]  # [n, Hkv, 2, bs * D]
+    part = paged[blocks]  # [n, Hkv, 2, bs * D], a copy: reordered in place
+    for kind, order in enumerate((layout.key, layout.value)):
+        if order is not None:
+            part[:, :, kind] = part[:, :, kind, order]
     n, heads = part.shape[:2]
-    tokens = torch.stack([_read(part[:, :, 0], layout.key), _read(part[:, :, 1], layout.value)], 2)
     size, dim = layout.block_size, layout.dim
-    return tokens.view(n, heads, 2, size, dim).permute(1, 0, 3, 2, 4).reshape(heads, n * size, 2, dim)
+    return part.view(n, heads, 2, size, dim).permute(1, 0, 3, 2, 4).reshape(heads, n * size, 2, dim)
 
 
 def move_kept(paged: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
