@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
-from triattn_compile.vllm.compaction import BlockLayout, move_kept, request_tokens
+from triattn_compile.vllm.compaction import BlockLayout, fill_holes, move_kept, request_tokens
 from triattn_compile.vllm.paged import PagedSchedule
 
 SIZE, DIM = 4, 5
@@ -19,26 +22,44 @@ def cell(paged: torch.Tensor, block: int, head: int, kind: int, token: int) -> t
     return paged[block, head, kind, order.view(SIZE, DIM)[token]]
 
 
-def test_move_kept_puts_each_heads_kept_tokens_first_in_order():
+def test_request_tokens_reads_each_token_where_the_layout_puts_it():
     torch.manual_seed(0)
-    paged = torch.randn(10, 3, 2, SIZE * DIM)  # [blocks, Hkv, K/V region, cells]
+    paged = [torch.randn(10, 3, 2, SIZE * DIM) for _ in range(2)]  # per layer [blocks, Hkv, K/V region, cells]
     blocks = torch.tensor([7, 2, 9])  # the request's blocks, in token order: 12 tokens
-    keep = torch.stack([torch.randperm(12)[:8].sort().values for _ in range(3)])  # [Hkv, B = 8]: 2 kept blocks
-    before = paged.clone()
-    tokens = request_tokens(paged, blocks, DIM_MAJOR)  # [Hkv, 12, 2, D]
-    for h in range(3):  # token t of the request is block blocks[t // SIZE], slot t % SIZE
-        for t in range(12):
-            for kind in range(2):
-                assert torch.equal(tokens[h, t, kind], cell(before, blocks[t // SIZE], h, kind, t % SIZE))
-    move_kept(paged, blocks, tokens, keep, 2, DIM_MAJOR)
-    for h in range(3):
-        for j, t in enumerate(keep[h].tolist()):
-            for kind in range(2):
-                assert torch.equal(cell(paged, blocks[j // SIZE], h, kind, j % SIZE),
-                                   cell(before, blocks[t // SIZE], h, kind, t % SIZE))
+    for kind in range(2):
+        tokens = request_tokens(paged, blocks, DIM_MAJOR, kind)  # [L, Hkv, 12, D]
+        for layer, h, t in itertools.product(range(2), range(3), range(12)):
+            assert torch.equal(tokens[layer, h, t], cell(paged[layer], blocks[t // SIZE], h, kind, t % SIZE))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_move_kept_puts_each_heads_kept_tokens_in_the_leading_slots(shared: bool):
+    """After the move, the first 8 slots of every (layer, KV head) hold exactly its kept tokens, each once, and the
+    slots a kept token already had before the budget are not touched."""
+    torch.manual_seed(0)
+    paged = [torch.randn(10, 3, 2, SIZE * DIM) for _ in range(2)]
+    blocks = torch.tensor([7, 2, 9])
+    sets = 1 if shared else 2  # one keep set for both layers, or one each
+    keep = torch.stack([torch.stack([torch.randperm(12)[:8].sort().values for _ in range(3)])
+                        for _ in range(sets)])  # [X, Hkv, B = 8]: 2 kept blocks
+    before = [p.clone() for p in paged]
+    movers, holes = fill_holes(keep, 12, 8)
+    move_kept(paged, blocks, DIM_MAJOR, movers, holes, sets)
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[blocks[:2]] = False
-    assert torch.equal(paged[untouched], before[untouched])
+    moved = {(int(x), int(h), int(slot)): int(src) for (x, h, slot), (_, _, src) in zip(holes, movers)}
+    for layer, h in itertools.product(range(2), range(3)):
+        kept = keep[layer % sets, h].tolist()
+        now = []
+        for slot in range(8):
+            source = moved.get((layer % sets, h, slot), slot)
+            assert source in kept and (source == slot or slot not in kept)
+            for kind in range(2):
+                assert torch.equal(cell(paged[layer], blocks[slot // SIZE], h, kind, slot % SIZE),
+                                   cell(before[layer], blocks[source // SIZE], h, kind, source % SIZE))
+            now.append(source)
+        assert sorted(now) == kept
+        assert torch.equal(paged[layer][untouched], before[layer][untouched])
 
 
 def test_peak_blocks_bounds_what_a_request_holds():

@@ -84,8 +84,7 @@ from hypothesis import strategies as st
 from independent_reference import OracleLayer, oracle_keep_set, pass_dims, prerope_scores, rotary_bands
 
 import triattn_compile as tc
-from triattn_compile.kernels.scoring.naive import fold_query_stats, geometric_offsets, score_pass_through
-from triattn_compile.kernels.scoring.triton_kernel import score_keys
+from triattn_compile.policies import layer_scores
 from triattn_compile.schedule import compaction_inputs
 
 VOCAB = 96
@@ -508,15 +507,7 @@ def library_scores(model, cache) -> list[torch.Tensor]:
     """What the library ranks with, per layer its policy scores: its compaction inputs (statistics, cached keys,
     detected pairing, frequencies and scaling; MLA: ``[k_pe ; latent]`` and the folded query) through the scoring
     functions its policy calls (``policies.TriAttention.scores`` before the z-score). ``[1, H, N]`` each."""
-    inputs = compaction_inputs(cache, tc.inspect(model))
-    F = inputs.q_mean.shape[-1]
-    return [
-        (score_keys(k[..., : 2 * F], fold_query_stats(inputs.next_position, inputs.q_mean[i], inputs.q_abs[i],
-                                                      inputs.omega[i], inputs.pairing, geometric_offsets(),
-                                                      inputs.scale))
-         + (0 if inputs.q_pass is None else score_pass_through(k, inputs.q_pass[i]))).double()
-        for i, k in enumerate(inputs.keys)
-    ]
+    return list(layer_scores(compaction_inputs(cache, tc.inspect(model))).double())
 
 
 def reference_scores(sim: Simulator, layer: int, slot_pos: torch.Tensor) -> torch.Tensor:

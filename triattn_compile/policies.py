@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from triattn_compile.config import MAX_OFFSET, NOISE
 from triattn_compile.kernels.scoring.naive import (
+    FoldedQuery,
     aggregate_scores,
     fold_query_stats,
     geometric_offsets,
@@ -30,7 +31,8 @@ from triattn_compile.kernels.scoring.triton_kernel import score_keys
 class CompactionInputs:
     """What a policy may look at when the cache is full (``N`` occupied slots, in temporal order)."""
 
-    keys: list[torch.Tensor]  # per layer: occupied post-RoPE keys [B, Hkv, N, D], [rotary ; pass] (MLA: [k_pe ; c_kv])
+    keys: list[torch.Tensor] | torch.Tensor  # per layer: occupied post-RoPE keys [B, Hkv, N, D], [rotary ; pass]
+    # (MLA: [k_pe ; c_kv]); or all layers stacked, [L, B, Hkv, N, D]
     positions: torch.Tensor  # [L, B, Hkv, N] absolute positions
     next_position: int  # absolute position of the next token
     num_protected: int  # leading slots that are always kept (the prompt, when protected)
@@ -43,7 +45,7 @@ class CompactionInputs:
     queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries (query_window > 0)
     attention: torch.Tensor | None = None  # [L, B, Hkv, N] accumulated attention (accumulate_attention)
     q_pass: torch.Tensor | list | None = None  # [L, H, P]: mean of the pass-through query dims (MLA: folded [H, R])
-    values: list[torch.Tensor] | None = None  # per layer: occupied values [B, Hkv, N, Dv]
+    values: list[torch.Tensor] | torch.Tensor | None = None  # per layer: occupied values [B, Hkv, N, Dv] (or stacked)
     budget: int = 0  # slots kept per KV head after this compaction
 
     @property
@@ -54,6 +56,40 @@ class CompactionInputs:
         """``[N]`` bool: the slots that compete (not protected)."""
         n = self.keys[0].shape[2]
         return torch.arange(n, device=self.keys[0].device) >= self.num_protected
+
+
+def layer_scores(inputs: CompactionInputs, max_offset: int = MAX_OFFSET, **ablations: bool) -> torch.Tensor:
+    """TriAttention's raw score of every occupied slot for every query head, before the z-score: ``[L, B, H, N]``.
+
+    All layers in one :func:`score_keys` call when their keys share a shape (the usual case): the layers are folded
+    into the head dimension, query head ``l·H + h`` reading KV head ``l·Hkv + h // G``, so one launch (one fused CPU
+    expression) scores the whole model; otherwise layer by layer. ``ablations``: ``use_trig``, ``use_norm``, ``mlr``.
+    """
+    offsets = geometric_offsets(max_offset)
+    rotary = 2 * inputs.q_mean.shape[-1]
+    keys, q_pass = inputs.keys, inputs.q_pass
+    if isinstance(q_pass, list) and len({q.shape for q in q_pass}) == 1:
+        q_pass = torch.stack(q_pass)
+    if len({k.shape for k in keys}) > 1 or isinstance(q_pass, list):
+        return torch.stack([
+            score_keys(k[..., :rotary], fold_query_stats(inputs.next_position, inputs.q_mean[i], inputs.q_abs[i],
+                                                         inputs.omega[i], inputs.pairing, offsets, inputs.scale,
+                                                         **ablations))
+            + (0 if q_pass is None else score_pass_through(k, q_pass[i]))  # partial rotary, naive.py
+            for i, k in enumerate(keys)
+        ])
+    stacked = keys if isinstance(keys, torch.Tensor) else torch.stack(keys)  # [L, B, Hkv, N, D]
+    L, B, Hkv, N, D = stacked.shape
+    flat = stacked.transpose(0, 1).reshape(B, L * Hkv, N, D)
+    folded = fold_query_stats(inputs.next_position, inputs.q_mean, inputs.q_abs, inputs.omega, inputs.pairing,
+                              offsets, inputs.scale, **ablations)
+    heads = L * inputs.q_mean.shape[1]
+    folded = FoldedQuery(*(t.reshape(heads, t.shape[-1]) for t in (folded.u_re, folded.u_im, folded.w)),
+                         folded.scale, folded.pairing)
+    raw = score_keys(flat[..., :rotary], folded)
+    if q_pass is not None:
+        raw = raw + score_pass_through(flat, q_pass.reshape(heads, q_pass.shape[-1]))
+    return raw.view(B, L, -1, N).transpose(0, 1)
 
 
 def row_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -71,6 +107,7 @@ class Policy:
     query_window = 0  # post-RoPE queries to record per layer
     accumulate_attention = False  # per-slot attention mass summed over decode steps
     recent_window = 0  # most recent slots always kept
+    reads_values = False  # looks at the cached values (vLLM's worker gathers them only then)
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         """``[L, B, Hkv, N]`` (one keep set per layer) or ``[1, B, Hkv, N]`` (one set shared by all layers)."""
@@ -98,14 +135,8 @@ class TriAttention(Policy):
     name: str = "triattention"
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
-        offsets = geometric_offsets(self.max_offset)
-        raw = torch.stack([
-            score_keys(k[..., : 2 * inputs.q_mean.shape[-1]], fold_query_stats(
-                inputs.next_position, inputs.q_mean[i], inputs.q_abs[i], inputs.omega[i], inputs.pairing, offsets,
-                inputs.scale, use_trig=self.use_trig, use_norm=self.use_norm, mlr=self.mlr))
-            + (0 if inputs.q_pass is None else score_pass_through(k, inputs.q_pass[i]))  # partial rotary, naive.py
-            for i, k in enumerate(inputs.keys)
-        ])  # [L, B, H, N]
+        raw = layer_scores(inputs, max_offset=self.max_offset, use_trig=self.use_trig, use_norm=self.use_norm,
+                           mlr=self.mlr)
         jitter = None
         if self.noise > 0:
             jitter = row_noise(raw, self.seed + inputs.round) * self.noise
@@ -205,6 +236,7 @@ class TriAttentionDiverse(TriAttention):
     window: int = 0
     sinks: int = 0
     name: str = "triattention-diverse"
+    reads_values = True
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         scored = protect_recent(super().scores(inputs), inputs, min(self.window, inputs.budget // 2), self.sinks)
@@ -223,6 +255,7 @@ class TriAttentionValueNorm(TriAttention):
     window: int = 0
     sinks: int = 0
     name: str = "triattention-vnorm"
+    reads_values = True
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         norms = torch.stack([v.float().norm(dim=-1).clamp_min(1e-6).log() for v in inputs.values])  # [L, B, Hkv, N]

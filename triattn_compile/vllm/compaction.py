@@ -9,7 +9,9 @@ the request's leading blocks, and point attention at the live blocks (:mod:`~tri
 - compacts the rows whose step writes position ``budget + divide_length·k``: the same policy and keep-slot code as
   the HF path (``policies.py``, ``kernels/compact.keep_slots``) on the request's post-RoPE keys gathered from the
   paged tensors (per block and KV head a key region and a value region, ``[num_blocks, Hkv, 2, block_size * D]``,
-  each laid out as the attention kernel's ISA wants: :class:`BlockLayout`);
+  each laid out as the attention kernel's ISA wants: :class:`BlockLayout`); the kept tokens past the budget move
+  into the evicted slots before it (:func:`fill_holes`: attention does not depend on slot order), so a compaction
+  reads the keys once and writes at most ``divide_length`` tokens per KV head and layer;
 - returns the metadata with ``seq_lens`` and block table rows rewritten to the live blocks; positions and the slot
   mapping stay absolute.
 """
@@ -58,6 +60,14 @@ class BlockLayout:
     def token_major(block_size: int, dim: int) -> BlockLayout:
         return BlockLayout(None, None, block_size, dim)
 
+    def cells(self) -> torch.Tensor:
+        """``[block_size, 2, D]``: where token ``t``'s key (``[t, 0, d]``) and value (``[t, 1, d]``) dims sit in a
+        block's ``[2, block_size * D]`` K/V regions (flat offsets)."""
+        size = self.block_size * self.dim
+        plain = torch.arange(size)
+        key, value = (plain if order is None else order for order in (self.key, self.value))
+        return torch.stack([key.view(self.block_size, self.dim), value.view(self.block_size, self.dim) + size], 1)
+
 
 def paged_view(kv: torch.Tensor) -> torch.Tensor:
     """vLLM's CPU KV tensor ``[num_blocks, Hkv, block_size, 2 * D]`` as ``[num_blocks, Hkv, 2, block_size * D]``
@@ -66,31 +76,49 @@ def paged_view(kv: torch.Tensor) -> torch.Tensor:
     return kv.view(blocks, heads, 2, -1)
 
 
-def request_tokens(paged: torch.Tensor, blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """The keys and values of ``blocks``, token-major: ``[Hkv, len(blocks) * block_size, 2, D]`` (a copy)."""
-    part = paged[blocks]  # [n, Hkv, 2, bs * D], a copy: reordered in place
-    for kind, order in enumerate((layout.key, layout.value)):
-        if order is not None:
-            part[:, :, kind] = part[:, :, kind, order]
-    n, heads = part.shape[:2]
-    size, dim = layout.block_size, layout.dim
-    return part.view(n, heads, 2, size, dim).permute(1, 0, 3, 2, 4).reshape(heads, n * size, 2, dim)
+def slot_offsets(blocks: torch.Tensor, num_heads: int, layout: BlockLayout, heads: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """``[M, 2, D]`` flat offsets, in one layer's paged tensor, of the key and value of request slot ``slots[i]``
+    (token ``slot % bs`` of block ``blocks[slot // bs]``) of KV head ``heads[i]``."""
+    cells = layout.cells().to(blocks.device)
+    rows = blocks[slots // layout.block_size] * num_heads + heads
+    return rows[:, None, None] * cells.numel() + cells[slots % layout.block_size]
 
 
-def move_kept(paged: torch.Tensor, blocks: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor,
-              kept_blocks: int, layout: BlockLayout) -> None:
-    """In place: the tokens ``keep`` ``[Hkv, B]`` of each KV head (indices into ``tokens``, the
-    :func:`request_tokens` of ``blocks``) into the first ``B`` token slots of ``blocks[:kept_blocks]``."""
-    heads, n, _, dim = tokens.shape
-    rows = keep + torch.arange(heads, device=keep.device)[:, None] * n
-    picked = tokens.reshape(heads * n, 2 * dim).index_select(0, rows.flatten())  # [Hkv * B, 2 D]
-    picked = picked.view(heads, kept_blocks, -1, 2, dim).permute(1, 0, 3, 2, 4).reshape(kept_blocks, heads, 2, -1)
-    if layout.key is not None or layout.value is not None:
-        region = torch.empty_like(picked)
-        for kind, order in enumerate((layout.key, layout.value)):
-            region[:, :, kind, slice(None) if order is None else order] = picked[:, :, kind]
-        picked = region
-    paged[blocks[:kept_blocks]] = picked
+def request_tokens(paged: list[torch.Tensor], blocks: torch.Tensor, layout: BlockLayout, kind: int) -> torch.Tensor:
+    """The keys (``kind`` 0) or values (1) of ``blocks`` in every layer's paged tensor (:func:`paged_view`),
+    token-major: ``[L, Hkv, len(blocks) * block_size, D]`` (one gather per layer into one new tensor)."""
+    heads, n = paged[0].shape[1], len(blocks) * layout.block_size
+    slots = torch.arange(n, device=blocks.device)
+    index = slot_offsets(blocks, heads, layout, slots.new_tensor(range(heads)).repeat_interleave(n),
+                         slots.repeat(heads))[:, kind].flatten()
+    out = paged[0].new_empty(len(paged), index.numel())
+    for i, p in enumerate(paged):
+        torch.index_select(p.view(-1), 0, index, out=out[i])
+    return out.view(len(paged), heads, n, layout.dim)
+
+
+def fill_holes(keep: torch.Tensor, slots: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each kept token goes so that the kept ``keep`` ``[X, Hkv, budget]`` (slot indices of ``slots``) fill
+    the first ``budget`` slots: kept tokens there stay put, each kept token past them moves into an evicted slot
+    among them (attention does not depend on slot order; positions travel with the tokens). Returns ``movers`` and
+    ``holes``, ``[M, 3]`` each (set, KV head, slot), pair ``i`` moving ``movers[i]`` to ``holes[i]``."""
+    kept = torch.zeros(*keep.shape[:-1], slots, dtype=torch.bool, device=keep.device).scatter_(-1, keep, True)
+    movers = kept[..., budget:].nonzero()
+    movers[:, 2] += budget
+    return movers, (~kept[..., :budget]).nonzero()  # same count per (set, head): in nonzero's order they pair up
+
+
+def move_kept(paged: list[torch.Tensor], blocks: torch.Tensor, layout: BlockLayout, movers: torch.Tensor,
+              holes: torch.Tensor, sets: int) -> None:
+    """In place, in every layer's paged tensor: the key and value of each slot ``movers[i]`` into slot ``holes[i]``
+    (:func:`fill_holes`; ``sets`` = 1: the same moves in every layer, else layer ``l`` makes set ``l``'s)."""
+    heads = paged[0].shape[1]
+    source, target = (slot_offsets(blocks, heads, layout, at[:, 1], at[:, 2]).flatten(1) for at in (movers, holes))
+    for i, p in enumerate(paged):
+        pick = slice(None) if sets == 1 else movers[:, 0] == i
+        flat = p.view(-1)
+        flat.index_copy_(0, target[pick].flatten(), flat.index_select(0, source[pick].flatten()))
 
 
 class PagedCompressor:
@@ -187,18 +215,22 @@ class PagedCompressor:
         kept = (torch.arange(s.budget, device=row.device).expand(1, heads, s.budget) if state.positions is None
                 else state.positions)
         positions = torch.cat([kept, tail.expand(kept.shape[0], heads, -1)], -1)  # [X, Hkv, N]
-        tokens = [request_tokens(p, blocks, self.block_layout) for p in self.paged]  # per layer [Hkv, N, 2, D]
-        keys, values = [t[:, :, 0] for t in tokens], [t[:, :, 1] for t in tokens]
+        recording = len(self.records) < self.record_limit
+        keys = request_tokens(self.paged, blocks, self.block_layout, 0)  # [L, Hkv, N, D]
+        values = (request_tokens(self.paged, blocks, self.block_layout, 1)
+                  if self.policy.reads_values or recording else None)
         inputs = self.inputs(keys, values, positions, position, state)
         keep = keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window, s.budget)
-        if len(self.records) < self.record_limit:
+        if recording:
             self.records.append({"position": position, "prompt": state.prompt, "round": state.rounds,
                                  "positions": positions.tolist(), "keep": keep.tolist(),
-                                 "keys": [k.tolist() for k in keys], "values": [v.tolist() for v in values]})
-        for i, paged in enumerate(self.paged):
-            move_kept(paged, blocks, tokens[i], keep[i if keep.shape[0] > 1 else 0, 0], s.kept_blocks,
-                      self.block_layout)
-        state.positions = positions.expand(keep.shape[0], -1, -1).gather(-1, keep[:, 0])
+                                 "keys": keys.tolist(), "values": values.tolist()})
+        sets = keep.shape[0]
+        movers, holes = fill_holes(keep[:, 0], positions.shape[-1], s.budget)
+        move_kept(self.paged, blocks, self.block_layout, movers, holes, sets)
+        positions = positions.expand(sets, -1, -1)
+        state.positions = positions[..., : s.budget].clone()
+        state.positions[holes.unbind(1)] = positions[movers.unbind(1)]
         state.rounds += 1
         self.compactions += 1
         self.seconds["compaction"] += time.perf_counter() - start
@@ -214,14 +246,15 @@ class PagedCompressor:
         self.layout, self.stats, self.paged = layout, stats, [paged_view(kv) for kv in kv_caches]
         self.block_layout = block_layout or BlockLayout.token_major(self.schedule.block_size, layout.head_dim)
 
-    def inputs(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, position: int,
+    def inputs(self, keys: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor, position: int,
                state: RequestState) -> CompactionInputs:
-        """What the policy sees (``schedule.compaction_inputs`` of the HF path, for one request of vLLM's cache)."""
+        """What the policy sees (``schedule.compaction_inputs`` of the HF path, for one request of vLLM's cache, all
+        layers stacked: ``keys``/``values`` ``[L, Hkv, N, D]``; values only for a policy that reads them)."""
         layout, stats = self.layout, self.stats
         start = layout.rotary.rotary_start
         num_layers = len(keys)
         return CompactionInputs(
-            keys=[(k.roll(-start, -1) if start else k)[None] for k in keys],
+            keys=(keys.roll(-start, -1) if start else keys)[:, None],
             positions=positions[:, None].expand(num_layers, -1, -1, -1),
             next_position=position,
             num_protected=state.prompt if self.protect_prompt else 0,
@@ -232,7 +265,7 @@ class PagedCompressor:
             pairing=layout.rotary.key_pairing,
             scale=float(layout.attention_scaling),
             q_pass=stats.q_pass_mean(),
-            values=[v[None] for v in values],
+            values=None if values is None else values[:, None],
             budget=self.schedule.budget,
         )
 

@@ -129,9 +129,10 @@ def naive_score_prerope(
 
 
 def offset_weights(round_start: torch.Tensor | int, omega: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """W_f = mean_δ exp(i ω_f (round_start + δ)), complex128 ``[F]`` (computed in float64: ω t reaches 1e5 rad)."""
+    """W_f = mean_δ exp(i ω_f (round_start + δ)), complex128 shaped like ``omega`` ``[..., F]`` (computed in float64:
+    ω t reaches 1e5 rad)."""
     t = torch.as_tensor(round_start, dtype=torch.float64).reshape(()) + offsets.to(torch.float64)  # [O]
-    angle = t[:, None] * omega.to(torch.float64)[None, :]  # [O, F]
+    angle = t.view(-1, *[1] * omega.dim()) * omega.to(torch.float64)  # [O, ..., F]
     return torch.polar(torch.ones_like(angle), angle).mean(0)
 
 
@@ -175,13 +176,15 @@ def fold_query_stats(
     Args:
         round_start: absolute position of the next token (int or 0-d tensor).
         q_mean: complex query centre q̄ ``[H, F]``. q_abs: E|q_f| ``[H, F]``. omega: rotary frequencies ``[F]``.
+            (Leading dims broadcast: ``[L, H, F]`` statistics with ``[L, F]`` frequencies fold all layers at once.)
         pairing: ``"half"`` or ``"interleaved"``. offsets: ``[O]`` future offsets. scale: attention scaling s.
         use_trig / use_norm / mlr: ablations (no S_trig, no S_norm, S_norm without the (1 - R) weight).
     Returns:
-        The folded query on ``q_mean``'s device.
+        The folded query on ``q_mean``'s device, vectors shaped like ``q_mean``.
     """
     qm = q_mean.to(torch.complex64)
-    u = qm * offset_weights(round_start, omega, offsets).to(torch.complex64).to(qm.device) if use_trig else qm * 0
+    weights = offset_weights(round_start, omega, offsets).to(torch.complex64).to(qm.device).unsqueeze(-2)
+    u = qm * weights if use_trig else qm * 0
     w = q_abs.float() - (qm.abs() if mlr else 0.0) if use_norm else q_abs.float() * 0
     return FoldedQuery(u.real.contiguous(), u.imag.contiguous(), w.contiguous(), float(scale), pairing)
 
