@@ -29,7 +29,9 @@ from triattn_compile.kernels.scoring.triton_kernel import score_keys
 
 @dataclass
 class CompactionInputs:
-    """What a policy may look at when the cache is full (``N`` occupied slots, in temporal order)."""
+    """What a policy may look at when the cache is full (``N`` occupied slots: the protected prompt first; the HF
+    cache keeps them in temporal order, vLLM's worker in the order hole filling leaves them, so order-sensitive
+    scores read ``positions``)."""
 
     keys: list[torch.Tensor] | torch.Tensor  # per layer: occupied post-RoPE keys [B, Hkv, N, D], [rotary ; pass]
     # (MLA: [k_pe ; c_kv]); or all layers stacked, [L, B, Hkv, N, D]

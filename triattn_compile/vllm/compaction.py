@@ -90,7 +90,7 @@ def request_tokens(paged: list[torch.Tensor], blocks: torch.Tensor, layout: Bloc
     token-major: ``[L, Hkv, len(blocks) * block_size, D]`` (one gather per layer into one new tensor)."""
     heads, n = paged[0].shape[1], len(blocks) * layout.block_size
     slots = torch.arange(n, device=blocks.device)
-    index = slot_offsets(blocks, heads, layout, slots.new_tensor(range(heads)).repeat_interleave(n),
+    index = slot_offsets(blocks, heads, layout, torch.arange(heads, device=blocks.device).repeat_interleave(n),
                          slots.repeat(heads))[:, kind].flatten()
     out = paged[0].new_empty(len(paged), index.numel())
     for i, p in enumerate(paged):
