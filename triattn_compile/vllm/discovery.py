@@ -80,19 +80,19 @@ def _layer_name(site: AttentionSite, inputs: dict[Node, object]) -> str:
 
 
 def _probe_positions(gm: GraphModule, sites: list[AttentionSite], inputs: dict[Node, object],
-                     count: int) -> dict[Node, torch.Tensor]:
-    """``{input: arange(count)}`` for each 1-D integer input the sites' cos/sin tables are gathered by."""
+                     count: int) -> dict[Node, torch.Tensor] | None:
+    """``{input: arange(count)}`` for each integer positions input the sites' cos/sin tables are computed from: 1-D
+    (vLLM's own models) or ``[1, ..., 1, T]`` (``position_ids`` of models vLLM runs through its transformers
+    backend), the range shaped alike. ``None`` where there is none (the cos/sin are then read at the example
+    inputs' positions, or ω from an ``inv_freq`` input: ``frequencies.rotary_frequencies``)."""
     upstream = _ancestors([n for s in sites if s.query.rotary_dim for n in (s.query.cos, s.query.sin)])
     found = {
-        node: torch.arange(count, dtype=value.dtype, device=value.device)
+        node: torch.arange(count, dtype=value.dtype, device=value.device).view(*[1] * (value.dim() - 1), count)
         for node, value in inputs.items()
-        if node in upstream and isinstance(value, torch.Tensor) and value.dim() == 1 and not value.is_floating_point()
+        if node in upstream and isinstance(value, torch.Tensor) and value.dim() >= 1
+        and not value.is_floating_point() and value.dtype != torch.bool and all(n == 1 for n in value.shape[:-1])
     }
-    if not found:
-        site = next(s for s in sites if s.query.rotary_dim)
-        raise PatternNotFound(f"attention site {site.layer} ({site.module}): its cos/sin are not gathered by a "
-                              "positions input, so the RoPE frequencies cannot be read off the graph")
-    return found
+    return found or None
 
 
 def discover_vllm(gm: GraphModule, example_inputs: list, hf_config: object = None, budget: int = 0) -> VllmLayout:
