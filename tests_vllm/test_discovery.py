@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import torch
+from checks import layout_equals_hf_discovery
 from safetensors import safe_open
-
-LAYER_FIELDS = ("index", "pairing", "key_pairing", "rotary_dim", "rotary_start", "window", "key_dim", "value_dim")
 
 
 def _report(triattn_run) -> dict:
@@ -17,15 +15,7 @@ def _report(triattn_run) -> dict:
 
 
 def test_layout_equals_hf_discovery(triattn_run, hf_layout):
-    found = _report(triattn_run)["layout"]
-    for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "attention_scaling"):
-        assert found[key] == hf_layout[key], key
-    assert [{k: layer[k] for k in LAYER_FIELDS} for layer in found["layers"]] == [
-        {k: layer[k] for k in LAYER_FIELDS} for layer in hf_layout["layers"]]
-    # HF reads the float32 inv_freq itself; vLLM's graph only has a float32 cos/sin table, fitted over 1024 positions
-    torch.testing.assert_close(torch.tensor(found["omega"], dtype=torch.float64),
-                               torch.tensor(hf_layout["omega"], dtype=torch.float64), rtol=1e-7, atol=0)
-    assert found["layers"][0]["attention"] == "vllm"
+    layout_equals_hf_discovery(_report(triattn_run)["layout"], hf_layout)
 
 
 def test_layer_names_key_the_paged_cache(triattn_run, hf_layout):

@@ -3,16 +3,10 @@
 
 from __future__ import annotations
 
-import json
+from checks import keep_sets_equal_the_hf_path, paged_keys_are_the_hf_models_keys
+from conftest import EVICTION_POOL, EVICTION_PROMPTS, EVICTION_TOKENS, OVERFLOW
 
-import torch
-from conftest import EVICTION_POOL, EVICTION_PROMPTS, EVICTION_TOKENS, HERE, OVERFLOW, hf_python, run
-
-from triattn_compile.config import TriAttentionConfig
-from triattn_compile.schedule import Compressor
-from triattn_compile.vllm.discovery import layout_from_dict
 from triattn_compile.vllm.paged import PagedSchedule
-from triattn_compile.vllm.statsfile import load_for_layout
 
 BUDGET = 128
 
@@ -57,41 +51,14 @@ def test_admission_waits_for_blocks_instead_of_preempting(eviction_run):
 def test_keep_sets_equal_the_hf_path(eviction_run, stats_file):
     """The recorded compactions (vLLM's paged keys, positions, prompt, round) compacted by the HF path's
     ``Compressor`` keep the same slots per KV head as vLLM's worker did."""
-    report = eviction_run["reports"][0]
-    layout = layout_from_dict(report["layout"]).layout
-    compressor = Compressor(TriAttentionConfig(budget=BUDGET), layout, torch.device("cpu"))
-    compressor.stats = load_for_layout(stats_file, layout)
-    records = report["compaction"][0]["records"]
+    records = keep_sets_equal_the_hf_path(eviction_run["reports"][0], stats_file, BUDGET)
     assert len(records) == 10 and {r["round"] for r in records} >= {0, 1}
-    for record in records:
-        keys, values = ([torch.tensor(x) for x in record[name]] for name in ("keys", "values"))
-        n = keys[0].shape[1]
-        cache = compressor.new_cache(1, torch.device("cpu"), torch.float32)
-        for layer, k, v in zip(cache.layers, keys, values):
-            layer.keys[0, :, :n], layer.values[0, :, :n] = k, v
-        cache.slot_pos[:, 0, :, :n] = torch.tensor(record["positions"])[0]
-        cache.fill[0], cache.prompt[0], cache.row_rounds[0] = n, record["prompt"], record["round"]
-        cache.seen = record["position"]
-        assert compressor.compact(cache, 0).tolist() == record["keep"], json.dumps(record["position"])
 
 
 def test_paged_keys_are_the_hf_models_keys(eviction_run, model_dir, workdir):
-    """The keys the worker gathered from vLLM's paged cache for a first compaction (positions 0 .. B + 127 of one
-    request) equal the post-RoPE keys the unmodified HF model caches for the same tokens (main venv, float32)."""
-    records = [r for r in eviction_run["reports"][0]["compaction"][0]["records"] if r["round"] == 0][:2]
-    by_prompt = {len(p): p + o for p, o in zip(eviction_run["prompt_token_ids"], eviction_run["outputs"])}
-    ids = [by_prompt[r["prompt"]][: r["position"]] for r in records]
-    assert len(records) == 2 and all(len(x) == BUDGET + 128 for x in ids)
-    for r in records:  # round 0 gathers every position in order
-        assert r["positions"][0][0] == list(range(BUDGET + 128))
-    (workdir / "ids.json").write_text(json.dumps(ids))
-    done = run([hf_python(), str(HERE / "hf_reference.py"), str(model_dir), str(workdir / "hf-keys.json"), "--keys",
-                str(workdir / "ids.json")])
-    assert done.returncode == 0, done.stderr[-3000:]
-    for record, hf in zip(records, json.loads((workdir / "hf-keys.json").read_text())):
-        for layer, (paged, reference) in enumerate(zip(record["keys"], hf)):
-            torch.testing.assert_close(torch.tensor(paged), torch.tensor(reference), rtol=1e-4, atol=1e-4,
-                                       msg=lambda m, layer=layer: f"layer {layer}: {m}")
+    """The keys the worker gathered from vLLM's paged cache for a first compaction equal the post-RoPE keys the
+    unmodified HF model caches for the same tokens."""
+    paged_keys_are_the_hf_models_keys(eviction_run, model_dir, workdir, BUDGET)
 
 
 def test_prompt_longer_than_budget_refused_in_one_line(eviction_run):
