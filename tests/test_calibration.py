@@ -273,3 +273,36 @@ def test_cli_empty_file_is_one_line_error(tmp_path, monkeypatch, capsys):
     code = main(["calibrate", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "s.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "holds no text" in err
+
+
+def _tiny(family: str):
+    """A random 2-layer model of ``family`` with 4 query heads (2 KV heads where the family has GQA)."""
+    import transformers as T
+
+    common = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192}
+    windowed = {**common, "sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"]}
+    config_class, model_class, config = {
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, windowed),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, windowed),
+        "cohere2": (T.Cohere2Config, T.Cohere2ForCausalLM, {**windowed, "head_dim": None}),
+        "gptj": (T.GPTJConfig, T.GPTJForCausalLM, {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                                  "rotary_dim": 8, "n_positions": 8192}),
+    }[family]
+    torch.manual_seed(0)
+    config = config_class(**{k: v for k, v in config.items() if v is not None})
+    config._attn_implementation = "eager"  # Gemma-2's soft-capping runs in eager attention only
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("family, kv_heads", [("gemma2", 2), ("gemma3", 2), ("cohere2", 2), ("gptj", 4)])
+def test_calibrates_families_it_once_refused(family, kv_heads):
+    """Calibration compresses nothing, so a sliding window wider than any budget is fine (Gemma-3: 4,096, was refused
+    against the default budget); Gemma-2's eager attention with tanh soft-capping is found when its scale and cap
+    are traced as symbolic floats (``dynamic=True``; was "no attention node found"); with no cache in the graph the
+    KV heads are followed back from the attention's key operand (GPT-J rotates its keys ``[B, S, H, D]`` before
+    transposing them, Cohere-2's NoPE layer only transposes the projection: both read the sequence axis as heads)."""
+    model = _tiny(family)
+    stats = tc.calibrate(model, torch.randint(3, 128, (40,)))
+    assert stats.tokens() == 40 and bool(stats.count.eq(40).all())
+    assert stats.signature.num_kv_heads == kv_heads and stats.signature.num_heads == 4

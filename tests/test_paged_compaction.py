@@ -72,3 +72,21 @@ def test_peak_blocks_bounds_what_a_request_holds():
         held.add(position // 128)
         most = max(most, len(held))
     assert most == s.peak_blocks == 4
+
+
+def test_layouts_the_paged_compaction_refuses_at_discovery():
+    """A model with sliding-window layers is refused in one line when vLLM's graph is discovered (engine start), not
+    at its first compaction; full-attention layouts pass."""
+    import transformers as T
+    from conftest import tiny_llama
+
+    import triattn_compile as tc
+    from triattn_compile.vllm.compaction import check_supported
+
+    check_supported(tc.discover(tiny_llama()))
+    torch.manual_seed(0)
+    config = T.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, sliding_window=32)
+    with pytest.raises(ValueError, match="this model has sliding-window layers;") as info:
+        check_supported(tc.discover(T.MistralForCausalLM(config).eval(), budget=256))
+    assert "\n" not in str(info.value)

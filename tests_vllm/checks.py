@@ -30,11 +30,12 @@ def layout_equals_hf_discovery(found: dict, hf_layout: dict) -> None:
     assert all(layer["attention"] == "vllm" for layer in found["layers"])
 
 
-def keep_sets_equal_the_hf_path(report: dict, stats_file: Path, budget: int) -> list[dict]:
+def keep_sets_equal_the_hf_path(report: dict, stats_file: Path, budget: int, protect_prompt: bool = True) -> list[dict]:
     """Each recorded compaction (vLLM's paged keys, positions, prompt, round) compacted by the HF path's
     ``Compressor`` keeps the same slots per KV head as vLLM's worker did; returns the records."""
     layout = layout_from_dict(report["layout"]).layout
-    compressor = Compressor(TriAttentionConfig(budget=budget), layout, torch.device("cpu"))
+    config = TriAttentionConfig(budget=budget, protect_prompt=protect_prompt)
+    compressor = Compressor(config, layout, torch.device("cpu"))
     compressor.stats = load_for_layout(stats_file, layout)
     records = report["compaction"][0]["records"]
     for record in records:
@@ -44,7 +45,9 @@ def keep_sets_equal_the_hf_path(report: dict, stats_file: Path, budget: int) -> 
         for layer, k, v in zip(cache.layers, keys, values):
             layer.keys[0, :, :n], layer.values[0, :, :n] = k, v
         cache.slot_pos[:, 0, :, :n] = torch.tensor(record["positions"])[0]
-        cache.fill[0], cache.prompt[0], cache.row_rounds[0] = n, record["prompt"], record["round"]
+        # the HF cache counts a prompt only where it is protected (CompressedCache.record_write)
+        cache.fill[0], cache.prompt[0] = n, record["prompt"] if protect_prompt else 0
+        cache.row_rounds[0] = record["round"]
         cache.seen = record["position"]
         assert compressor.compact(cache, 0).tolist() == record["keep"], json.dumps(record["position"])
     return records

@@ -1,7 +1,8 @@
 """A family besides Llama through the plugin, end to end: GPT-NeoX, whose RoPE covers only the first quarter of each
 head and which has no GQA. vLLM 0.32 runs it through its transformers backend, so the graph discovery reads is
 transformers' code (``position_ids`` ``[1, T]``, an ``inv_freq`` input), not vLLM's own RoPE. One engine (Inductor),
-B = 128, 3 requests of different prompt lengths x 400 tokens in a pool of their 3 peaks."""
+B = 128 with the prompt not protected (``protect_prompt`` false: scored like any token, as the official vLLM runtime
+does), 3 requests x 400 tokens in a pool of their 3 peaks, one of them with a prompt longer than the budget."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from conftest import ENGINE_ENV, HERE, _calibrate, _hf_layout, run
 from triattn_compile.vllm.paged import PagedSchedule
 
 BUDGET, TOKENS = 128, 400
-PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "def fibonacci(n):\n    if n < 2:\n        return n"]
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 18)  # 128 < tokens <= 256
+PROMPTS = ["Hello", "def fibonacci(n):\n    if n < 2:\n        return n", LONG]
+SETTINGS = {"budget": BUDGET, "protect_prompt": False}
 RECORDED = 4
 
 
@@ -35,8 +38,8 @@ def neox_run(neox_dir, neox_stats, workdir) -> dict:
     out = workdir / "gpt-neox.json"
     pool = len(PROMPTS) * PagedSchedule(BUDGET, 128, 128).peak_blocks + 1  # + vLLM's null block
     cmd = [sys.executable, str(HERE / "engine.py"), str(neox_dir), str(out), "--triattn",
-           json.dumps({"budget": BUDGET, "stats": str(neox_stats)}), "--max-tokens", str(TOKENS),
-           "--max-model-len", "1024", "--kv-blocks", str(pool)]
+           json.dumps({**SETTINGS, "stats": str(neox_stats)}), "--max-tokens", str(TOKENS),
+           "--max-model-len", "1024", "--kv-blocks", str(pool), "--long-prompt", "300"]
     for prompt in PROMPTS:
         cmd += ["--prompt", prompt]
     done = run(cmd, {**ENGINE_ENV, "TRIATTN_VLLM_RECORD": str(RECORDED)})
@@ -63,8 +66,19 @@ def test_compacts_on_schedule_and_returns_every_block(neox_run):
 
 
 def test_keep_sets_equal_the_hf_path(neox_run, neox_stats):
-    records = keep_sets_equal_the_hf_path(neox_run["reports"][0], neox_stats, BUDGET)
+    records = keep_sets_equal_the_hf_path(neox_run["reports"][0], neox_stats, BUDGET, protect_prompt=False)
     assert len(records) == RECORDED and {r["round"] for r in records} == {0, 1}
+    assert any(r["prompt"] > BUDGET for r in records)  # a prompt that cannot be kept whole: scored with the rest
+
+
+def test_unprotected_prompt_longer_than_the_budget(neox_run):
+    """As on the HF path with ``protect_prompt=False``: a prompt of up to budget + divide_length tokens is taken and
+    compacted like any tokens (its request ran on the schedule above: compacted prompt tokens away), a longer one is
+    refused in one line by the front end."""
+    assert BUDGET < max(neox_run["prompt_lengths"]) <= BUDGET + 128
+    refused = neox_run["refused"]
+    assert refused and refused["error"] == "VLLMValidationError" and "\n" not in refused["message"]
+    assert refused["message"].startswith("TriAttention: prompt of 300 tokens is longer than budget + divide_length 256")
 
 
 def test_paged_keys_are_the_hf_models_keys(neox_run, neox_dir, workdir):

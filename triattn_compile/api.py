@@ -88,8 +88,10 @@ def _check_call_convention(model: nn.Module) -> None:
         )
 
 
-def discover(model: nn.Module, budget: int = BUDGET, divide_length: int = DIVIDE_LENGTH) -> Layout:
+def discover(model: nn.Module, budget: int | None = BUDGET, divide_length: int = DIVIDE_LENGTH) -> Layout:
     """Trace ``model`` once on two dummy tokens (no Inductor) and return its attention :class:`Layout`.
+
+    ``budget``: sliding windows must fit it (``None``: not checked, for calibration, which compresses nothing).
 
     The model is called as ``model(input_ids=ids, <cache>=probe, position_ids=positions, use_cache=True)`` with a
     probe :class:`CompressedCache` (``<cache>``: ``cache`` or ``past_key_values``, as its forward declares).
@@ -97,7 +99,7 @@ def discover(model: nn.Module, budget: int = BUDGET, divide_length: int = DIVIDE
     _check_call_convention(model)
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    probe = CompressedCache(None, budget, divide_length, device)
+    probe = CompressedCache(None, BUDGET if budget is None else budget, divide_length, device)
     backend = TriAttentionBackend("discover", model_config=getattr(model, "config", None), budget=budget,
                                   fallback_omega=_inv_freq(model))
     kwargs = {"input_ids": ids, cache_keyword(model.forward): probe,
@@ -274,12 +276,12 @@ def calibrate(
                                      or memory_chunk < 1):
         raise ValueError(f"memory_chunk={memory_chunk!r}: give a positive number of tokens per forward pass, or None "
                          "for one pass per context")
-    layout = discover(model)
+    layout = discover(model, budget=None)  # calibration compresses nothing: any sliding window is fine
     device = next(model.parameters()).device
     stats = QueryStats(layout.signature, device)
     stats.omega = layout.omega
     backend = TriAttentionBackend("calibrate", input_names=TENSOR_NAMES, layout=layout, capture=True,
-                                  model_config=getattr(model, "config", None), budget=BUDGET, compiler="eager")
+                                  model_config=getattr(model, "config", None), budget=None, compiler="eager")
     fn = torch.compile(isolated_step(), backend=backend, fullgraph=True, dynamic=True)
     # only queries are needed: a transformers LM head need not project every position onto the vocabulary
     accepts = _inspect.signature(model.forward).parameters

@@ -20,8 +20,10 @@ def smollm2_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """``(model, tokenizer)`` from ``None`` (SmolLM2-135M), a directory, or a ``.gguf`` file. No hub access."""
+def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """``(model, tokenizer)`` from ``None`` (SmolLM2-135M), a directory, or a ``.gguf`` file. No hub access.
+    ``attn_implementation``: transformers' default where ``None`` (SDPA where the model supports it, else eager:
+    the pass matches both)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source is None:

@@ -58,7 +58,7 @@ class TriAttentionBackend:
         mode: one of :data:`MODES`.
         input_names: names of the tensors the step marks with ``triattn::step_inputs``, in order.
         layout: the layout found by discovery (later graphs must agree); ``None`` records the first graph's.
-        model_config: the model's config, if any (sliding windows); budget: windows must fit it.
+        model_config: the model's config, if any (sliding windows); budget: windows must fit it (``None``: not checked).
         fallback_omega: RoPE frequencies where a graph shows none (the model's ``inv_freq``).
         capture: insert query capture (calibration, or online statistics in compress mode).
         compiler: ``"inductor"`` or ``"eager"`` (run the rewritten graph as is).
@@ -68,7 +68,7 @@ class TriAttentionBackend:
     """
 
     def __init__(self, mode: str, *, input_names: Sequence[str] = (), layout: Layout | None = None,
-                 model_config: object = None, budget: int = 0, fallback_omega: torch.Tensor | None = None,
+                 model_config: object = None, budget: int | None = 0, fallback_omega: torch.Tensor | None = None,
                  capture: bool = False, compiler: str = "inductor", own_cache: bool = False,
                  stop_after_discovery: bool = False):
         assert mode in MODES

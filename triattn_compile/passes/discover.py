@@ -133,10 +133,11 @@ class Layout:
         return theirs == mine and (not cached or other.layers == self.layers)
 
 
-def sliding_windows(config: object, sites: list[AttentionSite], budget: int) -> list[int]:
+def sliding_windows(config: object, sites: list[AttentionSite], budget: int | None) -> list[int]:
     """Per attention site, its sliding window (0 for global attention), from a transformers config's
     ``sliding_window`` and ``layer_types``. A window layer keeps its exact window: it is masked to it and keeps its
-    most recent ``budget`` tokens at each compaction, so the window must fit the budget."""
+    most recent ``budget`` tokens at each compaction, so the window must fit the budget (``None``: nothing is
+    compressed, e.g. calibration; not checked)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(config, "sliding_window", None) or 0
     types = getattr(config, "layer_types", None) or []
@@ -144,7 +145,7 @@ def sliding_windows(config: object, sites: list[AttentionSite], budget: int) -> 
     for site in sites:
         kind = types[site.layer] if site.layer < len(types) else None
         windows.append(window if kind in (None, "sliding_attention") else 0)
-        if windows[-1] > budget:
+        if budget is not None and windows[-1] > budget:
             raise PassError(
                 f"attention site {site.layer} ({site.module}): sliding window {window} does not fit budget {budget}; "
                 f"use budget >= {window} so that window layers keep their whole window"
@@ -177,10 +178,15 @@ def _check_uniform(sites: list[AttentionSite]) -> None:
 
 
 def _kv_shape(site: AttentionSite) -> tuple[int, int]:
-    """``(KV heads, head_dim)``: the key before repeat_kv is ``[B, Hkv, S, D]`` (a cache laid out ``[B, S, Hkv, D]``:
-    ``site.cache_axis`` 1; vLLM's key is ``[T, Hkv, D]``)."""
+    """``(KV heads, head_dim)``: the cached key is ``[B, Hkv, S, D]`` (a cache laid out ``[B, S, Hkv, D]``:
+    ``site.cache_axis`` 1; vLLM's key is ``[T, Hkv, D]``); where no cache was located (calibration), the heads
+    followed back from the attention's key operand (``site.kv_heads``)."""
+    head_dim = int(fake_value(site.query.pre).shape[-1])
+    cached = site.key_buffer is not None or site.appended is not None or site.latent is not None
+    if site.form != "vllm" and not cached and site.kv_heads is not None:
+        return site.kv_heads, head_dim
     axis = 1 if site.form == "vllm" else 3 - site.cache_axis
-    return int(fake_value(site.key_source).shape[axis]), int(fake_value(site.query.pre).shape[-1])
+    return int(fake_value(site.key_source).shape[axis]), head_dim
 
 
 def discover_layout(
@@ -189,7 +195,7 @@ def discover_layout(
     example_inputs: list,
     *,
     config: object = None,
-    budget: int = 0,
+    budget: int | None = 0,
     fallback_omega: torch.Tensor | None = None,
     latent: bool = True,
     known: Layout | None = None,

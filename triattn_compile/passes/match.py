@@ -104,6 +104,7 @@ class AttentionSite:
     kv_dims: tuple[int, int] = (0, 0)  # last dims of the cached keys and values
     paged_write: Node | None = None  # vLLM: the unified_kv_cache_update node that writes this layer's paged cache
     layer_name: Node | None = None  # vLLM: the attention's layer-name input (its key in vLLM's forward context)
+    kv_heads: int | None = None  # KV heads, followed from the key operand (what counts where no cache is located)
 
 
 def module_of(node: Node) -> str:
@@ -139,6 +140,30 @@ def _walk_layout(node: Node, head_axis: int, ndim: int = 4) -> tuple[Node, int]:
             return node, head_axis
         node = node.args[0]
     return node, head_axis
+
+
+def _before_repeat_kv(node: Node) -> Node:
+    """``x`` of ``repeat_kv(x)``: ``x[:, :, None].expand(...).reshape(B, H, S, D)`` (transformers) or
+    ``x.repeat_interleave(n, dim=1)``; else ``node``."""
+    while _is(node, *_CAST_METHODS):
+        node = node.args[0]
+    if _is(node, "reshape", "view", torch.reshape) and _is(node.args[0], "expand"):
+        inner = node.args[0].args[0]
+        index = inner.args[1] if _is(inner, operator.getitem) else None
+        if isinstance(index, tuple) and len(index) > 2 and index[2] is None:
+            return inner.args[0]
+    if _is(node, "repeat_interleave", torch.repeat_interleave) and _arg(node, 2, "dim") == 1:
+        return node.args[0]
+    return node
+
+
+def key_heads(operand: Node) -> int | None:
+    """KV heads of an attention's key operand ``[B, H, S, D]``: its head axis followed back through repeat_kv and
+    transposes to the key as the model made it (which may be ``[B, S, Hkv, D]``, as GPT-J rotates it); ``None`` where
+    that tensor has no recorded shape."""
+    node, axis = _walk_layout(_before_repeat_kv(operand), head_axis=1)
+    value = fake_value(node)
+    return int(value.shape[axis]) if isinstance(value, torch.Tensor) and value.dim() == 4 else None
 
 
 def walk_to_buffer(node: Node) -> Node:
@@ -305,11 +330,12 @@ def _unrotated(node: Node) -> RotaryMatch | None:
 
 
 def _is_scalar(x: object) -> bool:
-    """A Python number or a one-element tensor (a softmax scale such as GPT-J's ``scale_attn``)."""
+    """A Python number, a symbolic one (a config float traced with ``dynamic=True``) or a one-element tensor (a
+    softmax scale such as GPT-J's ``scale_attn``)."""
     if not isinstance(x, Node):
         return isinstance(x, (int, float))
     val = fake_value(x)
-    return isinstance(val, torch.Tensor) and val.numel() == 1
+    return isinstance(val, (torch.SymFloat, torch.SymInt)) or (isinstance(val, torch.Tensor) and val.numel() == 1)
 
 
 def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node | None] | None:
@@ -440,7 +466,7 @@ def find_attention_sites(graph: Graph, need_cache: bool, appended: bool = False)
         latent = None if _cache_write(key_source) else _latent_key(key_source, query)
         site = AttentionSite(
             len(sites), module_of(node), node, query, head_axis, latent.rotary if latent else key_source, form,
-            softmax, mask_add, latent=latent,
+            softmax, mask_add, latent=latent, kv_heads=key_heads(k_arg),
         )
         if need_cache:
             value_sliced = False

@@ -16,6 +16,7 @@ import logging
 from torch.fx import GraphModule
 
 from triattn_compile.calibration.stats import QueryStats
+from triattn_compile.vllm.compaction import check_supported
 from triattn_compile.vllm.discovery import VllmLayout, discover_vllm
 from triattn_compile.vllm.settings import VllmSettings, parse_settings
 from triattn_compile.vllm.statsfile import load_for_layout
@@ -47,6 +48,7 @@ class DiscoveryBackend:
         settings = parse_settings(config.additional_config) or VllmSettings()
         hf_config = config.model_config.hf_config if config.model_config is not None else None
         found = discover_vllm(gm, example_inputs, hf_config, settings.budget)
+        check_supported(found.layout)  # at engine start, not at the first compaction
         stats = load_for_layout(settings.stats, found.layout) if settings.stats else None
         _FOUND.update(layout=found, stats=stats)
         log.info("TriAttention: %s%s", found.layout.describe(),

@@ -19,6 +19,7 @@ the request's leading blocks, and point attention at the live blocks (:mod:`~tri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -60,9 +61,10 @@ class BlockLayout:
     def token_major(block_size: int, dim: int) -> BlockLayout:
         return BlockLayout(None, None, block_size, dim)
 
+    @functools.cached_property
     def cells(self) -> torch.Tensor:
         """``[block_size, 2, D]``: where token ``t``'s key (``[t, 0, d]``) and value (``[t, 1, d]``) dims sit in a
-        block's ``[2, block_size * D]`` K/V regions (flat offsets)."""
+        block's ``[2, block_size * D]`` K/V regions (flat offsets; made once per layout)."""
         size = self.block_size * self.dim
         plain = torch.arange(size)
         key, value = (plain if order is None else order for order in (self.key, self.value))
@@ -80,7 +82,7 @@ def slot_offsets(blocks: torch.Tensor, num_heads: int, layout: BlockLayout, head
                  slots: torch.Tensor) -> torch.Tensor:
     """``[M, 2, D]`` flat offsets, in one layer's paged tensor, of the key and value of request slot ``slots[i]``
     (token ``slot % bs`` of block ``blocks[slot // bs]``) of KV head ``heads[i]``."""
-    cells = layout.cells().to(blocks.device)
+    cells = layout.cells.to(blocks.device)
     rows = blocks[slots // layout.block_size] * num_heads + heads
     return rows[:, None, None] * cells.numel() + cells[slots % layout.block_size]
 
@@ -119,6 +121,16 @@ def move_kept(paged: list[torch.Tensor], blocks: torch.Tensor, layout: BlockLayo
         pick = slice(None) if sets == 1 else movers[:, 0] == i
         flat = p.view(-1)
         flat.index_copy_(0, target[pick].flatten(), flat.index_select(0, source[pick].flatten()))
+
+
+def check_supported(layout: Layout) -> None:
+    """Raise a one-line ``ValueError`` for a layout the paged compaction does not handle (checked at discovery, when
+    the engine starts, and again when a compressor binds)."""
+    kinds = [name for name, present in (("latent (MLA)", layout.latent_maps),
+                                        ("sliding-window", layout.windowed_layers)) if present]
+    if kinds:
+        raise ValueError(f"TriAttention in vLLM supports full-attention layers with per-head keys; this model has "
+                         f"{' and '.join(kinds)} layers; serve it without the triattn setting, or use optimize()")
 
 
 class PagedCompressor:
@@ -240,9 +252,7 @@ class PagedCompressor:
              block_layout: BlockLayout | None = None) -> None:
         """Take the layout, statistics, paged KV tensors and where the kernel puts a token in a block (``source``'s
         result; token-major where not given)."""
-        if layout.latent_maps or layout.windowed_layers:
-            raise ValueError("TriAttention in vLLM supports full-attention layers with per-head keys; this model has "
-                             "latent (MLA) or sliding-window layers")
+        check_supported(layout)
         self.layout, self.stats, self.paged = layout, stats, [paged_view(kv) for kv in kv_caches]
         self.block_layout = block_layout or BlockLayout.token_major(self.schedule.block_size, layout.head_dim)
 

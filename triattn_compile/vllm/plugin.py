@@ -6,7 +6,8 @@ that, where the engine's ``additional_config`` has a ``triattn`` key (:mod:`~tri
 the settings are validated in the main process (one-line :class:`SettingsError`) and the compile backend becomes
 :mod:`~triattn_compile.vllm.backend` (discovery, then vLLM's own backend), with vLLM's compile cache off
 (``VLLM_DISABLE_COMPILE_CACHE=1`` unless set: a cached artifact would skip discovery); and
-``InputProcessor._validate_prompt_len``, so that a prompt longer than the budget is refused like one longer than
+``InputProcessor._validate_prompt_len``, so that a prompt longer than the HF path takes (the budget, or budget +
+divide length with ``protect_prompt`` false: ``settings.prompt_limit``) is refused like one longer than
 ``max_model_len`` (``VLLMValidationError``: HTTP 400 when serving) before it reaches the engine. :func:`unregister`
 removes both.
 """
@@ -17,8 +18,7 @@ import functools
 import os
 from pathlib import Path
 
-from triattn_compile.config import BUDGET
-from triattn_compile.vllm.settings import SETTINGS_KEY, SettingsError, parse_settings, prompt_too_long
+from triattn_compile.vllm.settings import SETTINGS_KEY, SettingsError, VllmSettings, parse_settings, prompt_too_long
 
 _WRAPPED = "_triattn_wrapped"
 
@@ -53,8 +53,6 @@ def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
     if Path(settings.stats).resolve().parent == Path(vllm_config.model_config.model).resolve():
         raise SettingsError(f"{where}: the stats file {settings.stats} is in the model's folder, where vLLM would load "
                             "it as weights; move it out of the folder")
-    if not settings.protect_prompt:
-        raise SettingsError(f"{where}: protect_prompt false is not supported in vLLM yet; drop it")
     if prefix_caching:
         raise SettingsError(f"{where}: prefix caching cannot be combined with compaction (compacted blocks no "
                             "longer hold the tokens they are cached under); drop enable_prefix_caching")
@@ -113,7 +111,9 @@ def _validate_prompt_len(original):
             return
         from vllm.exceptions import VLLMValidationError
 
-        message = prompt_too_long(prompt_len, raw.get("budget", BUDGET), self.vllm_config.cache_config.block_size)
+        # the settings were validated when the engine's config was built; read, not parsed again (no stat per request)
+        settings = VllmSettings(**{k: raw[k] for k in ("budget", "divide_length", "protect_prompt") if k in raw})
+        message = prompt_too_long(prompt_len, settings, self.vllm_config.cache_config.block_size)
         if message:
             raise VLLMValidationError(message)
 

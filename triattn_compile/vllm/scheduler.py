@@ -9,9 +9,9 @@ window. A compaction's blocks are freed on the step after the one that gathered 
 by another request before being read. Since a request never holds more than
 :attr:`~triattn_compile.vllm.paged.PagedSchedule.peak_blocks`, admission is capped at the number of requests whose
 peaks fit in the pool together: a running request is never preempted (its recompute would be a prefill longer than
-the budget). Finished and aborted requests free the rest through vLLM's own path. A prompt
-longer than the budget is refused before it reaches the engine, by the front end's prompt check (``plugin.py``);
-``add_request`` refuses it again for clients that bypass that front end.
+the budget). Finished and aborted requests free the rest through vLLM's own path. A prompt longer than the settings
+allow (``settings.prompt_limit``) is refused before it reaches the engine, by the front end's prompt check
+(``plugin.py``); ``add_request`` refuses it again for clients that bypass that front end.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class TriAttentionScheduler(Scheduler):
 
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
-        settings = parse_settings(vllm_config.additional_config)
+        settings = self.triattn_settings = parse_settings(vllm_config.additional_config)
         self.triattn = PagedSchedule(settings.budget, settings.divide_length, vllm_config.cache_config.block_size)
         self.triattn_freed_blocks = 0
         usable = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # block 0 is the null block
@@ -47,8 +47,8 @@ class TriAttentionScheduler(Scheduler):
         return freed
 
     def add_request(self, request) -> None:
-        """Refuse a prompt longer than the budget (the front end refuses it first: ``plugin.py``)."""
-        message = prompt_too_long(request.num_prompt_tokens, self.triattn.budget, self.triattn.block_size)
+        """Refuse a prompt longer than the settings allow (the front end refuses it first: ``plugin.py``)."""
+        message = prompt_too_long(request.num_prompt_tokens, self.triattn_settings, self.triattn.block_size)
         if message:
             raise ValueError(message)
         super().add_request(request)

@@ -76,11 +76,22 @@ def parse_settings(additional_config: object) -> VllmSettings | None:
     return settings
 
 
-def prompt_too_long(length: int, budget: int, block_size: int) -> str | None:
-    """The one-line refusal of a prompt of ``length`` tokens under ``budget`` (the prompt is protected, so it must fit
-    in the kept tokens), or ``None`` where it fits."""
-    if length <= budget:
+def prompt_limit(budget: int, divide_length: int, protect_prompt: bool) -> int:
+    """The longest prompt a request may have, as on the HF path: a protected prompt is kept whole, so it must fit in
+    the ``budget`` kept tokens; an unprotected one is scored like any token, and the cache holds at most
+    ``budget + divide_length`` tokens before its first compaction."""
+    return budget if protect_prompt else budget + divide_length
+
+
+def prompt_too_long(length: int, settings: VllmSettings, block_size: int) -> str | None:
+    """The one-line refusal of a prompt of ``length`` tokens under ``settings``, or ``None`` where it fits."""
+    limit = prompt_limit(settings.budget, settings.divide_length, settings.protect_prompt)
+    if length <= limit:
         return None
-    return (f"TriAttention: prompt of {length} tokens is longer than the budget {budget} (the prompt is always "
-            f"kept); raise additional_config['{SETTINGS_KEY}']['budget'] to at least "
-            f"{-(-length // block_size) * block_size} or shorten the prompt")
+    if settings.protect_prompt:
+        what, why = "the budget", "the prompt is always kept"
+    else:
+        what, why = "budget + divide_length", "the cache holds no more before its first compaction"
+    need = -(-(length - limit + settings.budget) // block_size) * block_size
+    return (f"TriAttention: prompt of {length} tokens is longer than {what} {limit} ({why}); raise "
+            f"additional_config['{SETTINGS_KEY}']['budget'] to at least {need} or shorten the prompt")
