@@ -47,7 +47,8 @@ class DiscoveryBackend:
         config = self.vllm_config
         settings = parse_settings(config.additional_config) or VllmSettings()
         hf_config = config.model_config.hf_config if config.model_config is not None else None
-        found = discover_vllm(gm, example_inputs, hf_config, settings.budget)
+        # window layers are refused whatever their width (check_supported), so they are not checked against the budget
+        found = discover_vllm(gm, example_inputs, hf_config, budget=None)
         check_supported(found.layout)  # at engine start, not at the first compaction
         stats = load_for_layout(settings.stats, found.layout) if settings.stats else None
         _FOUND.update(layout=found, stats=stats)

@@ -95,14 +95,15 @@ def _probe_positions(gm: GraphModule, sites: list[AttentionSite], inputs: dict[N
     return found or None
 
 
-def discover_vllm(gm: GraphModule, example_inputs: list, hf_config: object = None, budget: int = 0) -> VllmLayout:
+def discover_vllm(gm: GraphModule, example_inputs: list, hf_config: object = None,
+                  budget: int | None = None) -> VllmLayout:
     """The :class:`VllmLayout` of vLLM's compiled model graph ``gm``.
 
     Args:
         gm: the Dynamo graph vLLM hands its compile backend (``triattn_compile/vllm/backend.py``).
         example_inputs: its real inputs on the first call (the RoPE table among them).
         hf_config: the model's transformers config (``model_config.hf_config``), for sliding windows.
-        budget: the compression budget (a sliding window must fit it).
+        budget: a sliding window must fit it (``None``: not checked).
     Raises:
         PatternNotFound: one line naming the layer and the pattern that was not recognised.
     """
