@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="Write a long story about a lighthouse keeper who collects clocks.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # 1 GiB of KV cache (vLLM's CPU default claims 92 % of the machine's memory at start-up, and refuses to start
+    # where other processes hold some of it)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     llm = LLM(args.model, max_model_len=args.tokens + 512,

@@ -50,7 +50,7 @@ class DiscoveryBackend:
         # window layers are refused whatever their width (check_supported), so they are not checked against the budget
         found = discover_vllm(gm, example_inputs, hf_config, budget=None)
         check_supported(found.layout)  # at engine start, not at the first compaction
-        stats = load_for_layout(settings.stats, found.layout) if settings.stats else None
+        stats = load_for_layout(settings.stats, found.layout, found.omega_rtol) if settings.stats else None
         _FOUND.update(layout=found, stats=stats)
         log.info("TriAttention: %s%s", found.layout.describe(),
                  f"; statistics {settings.stats} ({stats.tokens()} tokens) match" if stats is not None else "")

@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 from triattn_compile.passes.discover import LayerLayout, Layout, discover_layout
 from triattn_compile.passes.frequencies import _ancestors
 from triattn_compile.passes.match import VLLM_ATTENTION, AttentionSite, PatternNotFound, find_attention_sites
+from triattn_compile.passes.rotary import fake_value
 
 PROBE_POSITIONS = 1024  # positions the cos/sin tables are evaluated at (capped by the model's max positions)
 
@@ -35,6 +36,13 @@ class VllmLayout:
 
     layout: Layout
     layer_names: tuple[str, ...]
+    table_dtype: str = "float32"  # dtype of the cos/sin the graph rotates with: what ω was read from
+
+    @property
+    def omega_rtol(self) -> float:
+        """How closely ω read off the graph can match the true ``inv_freq``: 1e-4, or the cos/sin dtype's resolution
+        where that is coarser (a bfloat16 table: angles, and so ω of the slowest bands, to ~2⁻⁹ relative)."""
+        return max(1e-4, torch.finfo(getattr(torch, self.table_dtype)).eps)
 
     def as_dict(self) -> dict:
         """A JSON-able summary (what tests compare with the HF discovery of the same checkpoint)."""
@@ -42,7 +50,7 @@ class VllmLayout:
         return {
             "describe": lay.describe(), "num_layers": lay.num_layers, "num_heads": lay.num_heads,
             "num_kv_heads": lay.num_kv_heads, "head_dim": lay.head_dim, "attention_scaling": lay.attention_scaling,
-            "omega": lay.omega.tolist(), "signature": lay.signature.__dict__,
+            "omega": lay.omega.tolist(), "table_dtype": self.table_dtype, "signature": lay.signature.__dict__,
             "layers": [
                 {"index": layer.index, "layer_name": name, "module": layer.module, "rotary_form": layer.rotary_form,
                  "pairing": layer.pairing, "key_pairing": layer.key_pairing, "rotary_dim": layer.rotary_dim,
@@ -60,7 +68,8 @@ def layout_from_dict(found: dict) -> VllmLayout:
     layout = Layout(layers=layers, num_heads=found["num_heads"], num_kv_heads=found["num_kv_heads"],
                     head_dim=found["head_dim"], attention_scaling=found["attention_scaling"],
                     omega=torch.tensor(found["omega"], dtype=torch.float64))
-    return VllmLayout(layout, tuple(layer["layer_name"] for layer in found["layers"]))
+    return VllmLayout(layout, tuple(layer["layer_name"] for layer in found["layers"]),
+                      found.get("table_dtype", "float32"))
 
 
 def _inputs_by_node(gm: GraphModule, example_inputs: list) -> dict[Node, object]:
@@ -117,4 +126,7 @@ def discover_vllm(gm: GraphModule, example_inputs: list, hf_config: object = Non
     count = min(PROBE_POSITIONS, int(getattr(text, "max_position_embeddings", None) or PROBE_POSITIONS))
     layout = discover_layout(gm, sites, example_inputs, config=hf_config, budget=budget,
                              positions=_probe_positions(gm, sites, inputs, count))
-    return VllmLayout(layout, tuple(_layer_name(s, inputs) for s in sites))
+    rotated = next(s for s in sites if s.query.rotary_dim)
+    table = fake_value(rotated.query.cos)
+    dtype = str(table.dtype).removeprefix("torch.") if isinstance(table, torch.Tensor) else "float32"
+    return VllmLayout(layout, tuple(_layer_name(s, inputs) for s in sites), dtype)
