@@ -20,6 +20,7 @@ from triattn_compile.passes.discover import LayerLayout, Layout, discover_layout
 from triattn_compile.passes.frequencies import _ancestors
 from triattn_compile.passes.match import VLLM_ATTENTION, AttentionSite, PatternNotFound, find_attention_sites
 from triattn_compile.passes.rotary import fake_value
+from triattn_compile.vllm.statsfile import OMEGA_RTOL
 
 PROBE_POSITIONS = 1024  # positions the cos/sin tables are evaluated at (capped by the model's max positions)
 
@@ -40,9 +41,9 @@ class VllmLayout:
 
     @property
     def omega_rtol(self) -> float:
-        """How closely ω read off the graph can match the true ``inv_freq``: 1e-4, or the cos/sin dtype's resolution
-        where that is coarser (a bfloat16 table: angles, and so ω of the slowest bands, to ~2⁻⁹ relative)."""
-        return max(1e-4, torch.finfo(getattr(torch, self.table_dtype)).eps)
+        """How closely ω read off the graph can match the true ``inv_freq``: ``OMEGA_RTOL``, or the cos/sin dtype's
+        resolution where that is coarser (a bfloat16 table: angles, and so ω of the slowest bands, to ~2⁻⁹ relative)."""
+        return max(OMEGA_RTOL, torch.finfo(getattr(torch, self.table_dtype)).eps)
 
     def as_dict(self) -> dict:
         """A JSON-able summary (what tests compare with the HF discovery of the same checkpoint)."""
