@@ -47,8 +47,13 @@ def test_other_shapes_are_refused(found, stats_file, tmp_path):
 
     with safe_open(str(stats_file), framework="pt") as fh:
         meta = dict(fh.metadata())
-    meta["num_kv_heads"] = str(found.layout.num_kv_heads * 2)
+    assert found.layout.num_kv_heads == 2 and found.layout.num_heads == 4
+    meta["num_kv_heads"] = "1"  # another grouping of the same query heads
     other = tmp_path / "other.safetensors"
     save_file(load_file(str(stats_file)), str(other), metadata=meta)
-    with pytest.raises(StatsError, match=r"another model \(num_kv_heads: file has"):
+    with pytest.raises(StatsError, match=r"another model \(num_kv_heads: file has 1, vLLM's graph has 2\)"):
         load_for_layout(other, found.layout)
+    # as many KV heads as query heads: an HF model that broadcast its keys (HF's Falcon); per-query-head statistics
+    meta["num_kv_heads"] = "4"
+    save_file(load_file(str(stats_file)), str(other), metadata=meta)
+    assert load_for_layout(other, found.layout).tokens() > 0
