@@ -73,6 +73,8 @@ def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
         raise SettingsError(f"{where}: only vLLM's CPU compilation (mode DYNAMO_TRACE_ONCE, backend inductor or "
                             f"eager) is supported so far; this engine uses mode {compilation.mode.name}, backend "
                             f"{compilation.backend!r}")
+    # set here, after VllmConfig.__post_init__: named up front, the CPU platform would put back "inductor" and
+    # custom ops would be on (vLLM turns them off only for backend "inductor"; docs/vllm.md, known limitations)
     compilation.backend = BACKENDS[compilation.backend]
     parallel = vllm_config.parallel_config
     if parallel.worker_extension_cls not in ("", None, WORKER_EXTENSION):
