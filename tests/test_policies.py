@@ -21,7 +21,9 @@ from triattn_compile.policies import (
     SnapKV,
     StreamingLLM,
     TriAttention,
+    TriAttentionDistinct,
     TriAttentionDiverse,
+    TriAttentionLive,
     TriAttentionObserved,
     TriAttentionRecent,
     TriAttentionValueNorm,
@@ -92,7 +94,7 @@ def ref_redundancy(keys: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
-                             "triattention-observed",
+                             "triattention-observed", "triattention-distinct", "triattention-live",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -322,6 +324,49 @@ def test_observed_variant_adds_layer_mean_of_zscored_log_attention_per_query():
     want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.7 * z.mean(0)
     torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-5, atol=1e-5)
     assert TriAttentionObserved.accumulate_attention and not TriAttention.accumulate_attention
+
+
+def test_distinct_variant_subtracts_layer_mean_of_zscored_log_key_redundancy():
+    inp = synthetic(protected=3)
+    got = TriAttentionDistinct(weight=0.6, noise=0.0).scores(inp)
+    red = torch.stack([ref_redundancy(k).log() for k in inp.keys])[..., 3:]  # [L, B, Hkv, N - 3]
+    z = (red - red.mean(-1, keepdim=True)) / red.std(-1, unbiased=False, keepdim=True)
+    want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() - 0.6 * z.mean(0)
+    torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-4, atol=1e-4)
+    per_layer = TriAttentionDistinct(weight=0.6, noise=0.0, per_layer=True).scores(inp)
+    assert per_layer.shape[0] == len(inp.keys) and got.shape[0] == 1
+
+
+def ref_interval_attention(inp: CompactionInputs, layer: int) -> torch.Tensor:
+    keys, q = inp.keys[layer].double(), inp.queries[layer].double()  # [B, Hkv, N, D], [B, H, W, D]
+    B, Hkv, N, D = keys.shape
+    W, G = q.shape[2], q.shape[1] // Hkv
+    out = torch.zeros(B, Hkv, N, dtype=torch.float64)
+    for b in range(B):
+        for j in range(Hkv):
+            per_head = []
+            for g in range(G):
+                acc = torch.zeros(N, dtype=torch.float64)
+                for w in range(W):
+                    seen = [n for n in range(N) if inp.positions[layer, b, j, n] <= inp.next_position - W + w]
+                    logits = torch.stack([q[b, j * G + g, w] @ keys[b, j, n] for n in seen]) / math.sqrt(D)
+                    acc[seen] += torch.softmax(logits, 0)
+                per_head.append(acc / W)
+            out[b, j] = torch.stack(per_head).amax(0)
+    return out
+
+
+def test_live_variant_adds_layer_mean_of_zscored_log_interval_attention():
+    inp = synthetic(protected=3)
+    inp.positions = inp.positions.flip(-1).contiguous()  # slot order is not time order (vLLM's hole filling)
+    live = torch.stack([ref_interval_attention(inp, i) for i in range(len(inp.keys))])  # [L, B, Hkv, N]
+    assert (live[..., inp.positions[0, 0, 0] >= inp.next_position - 8] > 0).all()  # the newest keys were seen
+    red = live.log()[..., 3:]
+    z = (red - red.mean(-1, keepdim=True)) / red.std(-1, unbiased=False, keepdim=True)
+    got = TriAttentionLive(weight=0.8, noise=0.0).scores(inp)
+    want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.8 * z.mean(0)
+    torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-4, atol=1e-4)
+    assert TriAttentionLive.query_window == 128 and TriAttentionLive(per_layer=True).scores(inp).shape[0] == 2
 
 
 def test_every_policy_runs_the_schedule():

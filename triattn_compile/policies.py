@@ -179,6 +179,13 @@ def protect_recent(scores: torch.Tensor, inputs: CompactionInputs, window: int, 
     return scores.masked_fill(keep, torch.inf)
 
 
+def layer_zscore(values: torch.Tensor, inputs: CompactionInputs, per_layer: bool) -> torch.Tensor:
+    """``values`` ``[L, B, Hkv, N]`` z-scored per layer and KV head over the competing slots, then averaged over
+    the layers (``[1, B, Hkv, N]``, like TriAttention's shared score) unless ``per_layer``."""
+    z = zscore(values, inputs.candidates())
+    return z if per_layer else z.mean(0, keepdim=True)
+
+
 def value_similarity(values: list[torch.Tensor], per_layer: bool) -> torch.Tensor:
     """Cosine similarity of every pair of cached values, ``[L, B, Hkv, N, N]`` (``per_layer``) or averaged over
     the layers, ``[1, B, Hkv, N, N]``."""
@@ -261,9 +268,7 @@ class TriAttentionValueNorm(TriAttention):
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         norms = torch.stack([v.float().norm(dim=-1).clamp_min(1e-6).log() for v in inputs.values])  # [L, B, Hkv, N]
-        z = zscore(norms, inputs.candidates())
-        bonus = z if self.per_layer else z.mean(0, keepdim=True)
-        scored = super().scores(inputs) + self.weight * bonus
+        scored = super().scores(inputs) + self.weight * layer_zscore(norms, inputs, self.per_layer)
         return protect_recent(scored, inputs, min(self.window, inputs.budget // 2), self.sinks)
 
 
@@ -280,8 +285,58 @@ class TriAttentionObserved(TriAttention):
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         age = (inputs.next_position - inputs.positions).clamp_min(1).float()
         received = (inputs.attention / age).clamp_min(1e-12).log()  # [L, B, Hkv, N]
-        z = zscore(received, inputs.candidates())
-        return super().scores(inputs) + self.weight * (z if self.per_layer else z.mean(0, keepdim=True))
+        return super().scores(inputs) + self.weight * layer_zscore(received, inputs, self.per_layer)
+
+
+@dataclass
+class TriAttentionDistinct(TriAttention):
+    """(e) TriAttention's score minus ``weight`` times R-KV's key redundancy (:func:`key_redundancy`: a key's mean
+    cosine similarity to the other cached keys, the most recent near-duplicate not counted), z-scored per layer and
+    KV head and averaged over layers like the score: a token unlike the rest of the cache (a name, a number) is
+    favoured over one of many near-copies, which a calibrated query centre cannot tell apart."""
+
+    weight: float = 0.5
+    threshold: float = 0.5
+    name: str = "triattention-distinct"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        redundancy = torch.stack([key_redundancy(k, self.threshold).log() for k in inputs.keys])  # [L, B, Hkv, N]
+        return super().scores(inputs) - self.weight * layer_zscore(redundancy, inputs, self.per_layer)
+
+
+def interval_attention(inputs: CompactionInputs, layer: int) -> torch.Tensor:
+    """``[B, Hkv, N]``: the attention the last ``W`` recorded queries paid each cached key of one layer, summed over
+    the queries and divided by ``W``, max over each GQA group. Causal by positions (query ``i`` sits at
+    ``next_position - W + i``), softmax over every slot it saw, scaled by ``1/sqrt(D)``: with ``W`` = the compaction
+    interval, what the queries since the last compaction actually read."""
+    keys = inputs.keys[layer].float()  # [B, Hkv, N, D]
+    q = inputs.queries[layer].float()  # [B, H, W, D]
+    B, Hkv, N, D = keys.shape
+    window = q.shape[2]
+    q = q.view(B, Hkv, q.shape[1] // Hkv, window, D)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys) / math.sqrt(D)  # [B, Hkv, G, W, N]
+    query_pos = inputs.next_position - window + torch.arange(window, device=keys.device)
+    visible = inputs.positions[layer][:, :, None, None, :] <= query_pos[:, None]  # [B, Hkv, 1, W, N]
+    probs = logits.masked_fill(~visible, -torch.inf).softmax(-1).nan_to_num(0.0)
+    return probs.sum(-2).amax(2) / window
+
+
+@dataclass
+class TriAttentionLive(TriAttention):
+    """(f) TriAttention's predicted score plus what the live queries since the last compaction attended to:
+    ``weight`` times the z-scored log of :func:`interval_attention` over the last ``query_window`` queries (the
+    compaction interval), per layer and KV head, averaged over layers like the score unless ``per_layer``. A large
+    weight ranks by the live attention alone. Motivated by ``bench/oracle_bound.py``: the attention the next
+    queries will pay is best predicted by the attention the last ones paid."""
+
+    weight: float = 1.0
+    query_window: int = 128
+    name: str = "triattention-live"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        live = torch.stack([interval_attention(inputs, i) for i in range(len(inputs.keys))])  # [L, B, Hkv, N]
+        return super().scores(inputs) + self.weight * layer_zscore(live.clamp_min(1e-12).log(), inputs,
+                                                                     self.per_layer)
 
 
 @dataclass
@@ -418,8 +473,8 @@ class RandomPolicy(Policy):
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
-                TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, StreamingLLM, SnapKV, RKV, H2O,
-                RandomPolicy)
+                TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, TriAttentionDistinct,
+                TriAttentionLive, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
 }
 
 

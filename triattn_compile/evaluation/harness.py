@@ -28,11 +28,11 @@ ABLATIONS = ("triattention-no-trig", "triattention-no-norm", "triattention-no-ml
 
 
 class PolicySwitch(Policy):
-    """Delegates scoring to ``inner``; records what any policy may need (the last 8 queries, accumulated attention),
-    so one compiled graph per budget serves every policy."""
+    """Delegates scoring to ``inner``; records what any policy may need (the last 128 queries, accumulated
+    attention), so one compiled graph per budget serves every policy."""
 
     name = "switch"
-    query_window = 8
+    query_window = 128
     accumulate_attention = True
 
     def __init__(self, inner: Policy | None = None):
