@@ -25,6 +25,7 @@ from triattn_compile.policies import (
     TriAttentionDiverse,
     TriAttentionLive,
     TriAttentionObserved,
+    TriAttentionPersistent,
     TriAttentionRecent,
     TriAttentionValueNorm,
     make_policy,
@@ -95,6 +96,7 @@ def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "triattention-observed", "triattention-distinct", "triattention-live",
+                             "triattention-persistent",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -367,6 +369,49 @@ def test_live_variant_adds_layer_mean_of_zscored_log_interval_attention():
     want = TriAttention(noise=0.0).scores(inp)[..., 3:].double() + 0.8 * z.mean(0)
     torch.testing.assert_close(got[..., 3:].double(), want, rtol=1e-4, atol=1e-4)
     assert TriAttentionLive.query_window == 128 and TriAttentionLive(per_layer=True).scores(inp).shape[0] == 2
+
+
+def ref_distant_attention(inp: CompactionInputs, layer: int, min_distance: int) -> torch.Tensor:
+    """Mean attention from the recorded queries at least ``min_distance`` after each key, max over the group; NaN
+    where no such query saw the key."""
+    keys, q = inp.keys[layer].double(), inp.queries[layer].double()
+    B, Hkv, N, D = keys.shape
+    W, G = q.shape[2], q.shape[1] // Hkv
+    out = torch.full((B, Hkv, N), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for j in range(Hkv):
+            for n in range(N):
+                means = []
+                for g in range(G):
+                    got = []
+                    for w in range(W):
+                        qpos = inp.next_position - W + w
+                        seen = [m for m in range(N) if inp.positions[layer, b, j, m] <= qpos]
+                        if qpos - inp.positions[layer, b, j, n] < min_distance:
+                            continue
+                        logits = torch.stack([q[b, j * G + g, w] @ keys[b, j, m] for m in seen]) / math.sqrt(D)
+                        got.append(torch.softmax(logits, 0)[seen.index(n)])
+                    if got:
+                        means.append(torch.stack(got).mean())
+                if means:
+                    out[b, j, n] = torch.stack(means).max()
+    return out
+
+
+def test_persistent_variant_scores_attention_from_distant_queries_and_keeps_the_newest():
+    inp = synthetic(protected=3)
+    inp.positions = inp.positions.flip(-1).contiguous()
+    far = torch.stack([ref_distant_attention(inp, i, 4) for i in range(len(inp.keys))])  # [L, B, Hkv, N]
+    newest = far.isnan()
+    assert newest.any() and (newest == (inp.positions > inp.next_position - 1 - 4)).all()
+    logs = torch.where(newest, far.nanmean(-1, keepdim=True), far).log()
+    cand = torch.arange(far.shape[-1]) >= 3
+    z = (logs - logs[..., cand].mean(-1, keepdim=True)) / logs[..., cand].std(-1, unbiased=False, keepdim=True)
+    want = TriAttention(noise=0.0).scores(inp).double() + 0.7 * z.mean(0)
+    got = TriAttentionPersistent(weight=0.7, min_distance=4, noise=0.0).scores(inp).double()
+    assert torch.isinf(got[newest[:1]]).all()
+    compared = ~newest[:1] & cand
+    torch.testing.assert_close(got[compared], want[compared], rtol=1e-4, atol=1e-4)
 
 
 def test_every_policy_runs_the_schedule():

@@ -304,11 +304,13 @@ class TriAttentionDistinct(TriAttention):
         return super().scores(inputs) - self.weight * layer_zscore(redundancy, inputs, self.per_layer)
 
 
-def interval_attention(inputs: CompactionInputs, layer: int) -> torch.Tensor:
-    """``[B, Hkv, N]``: the attention the last ``W`` recorded queries paid each cached key of one layer, summed over
-    the queries and divided by ``W``, max over each GQA group. Causal by positions (query ``i`` sits at
-    ``next_position - W + i``), softmax over every slot it saw, scaled by ``1/sqrt(D)``: with ``W`` = the compaction
-    interval, what the queries since the last compaction actually read."""
+def window_probabilities(inputs: CompactionInputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of the last ``W`` recorded queries over one layer's cached keys, as the model paid it: causal by
+    positions (query ``i`` sits at ``next_position - W + i``), softmax over every slot it saw, ``1/sqrt(D)``.
+
+    Returns:
+        probabilities ``[B, Hkv, G, W, N]`` (0 where unseen) and query-to-key distances ``[B, Hkv, 1, W, N]``.
+    """
     keys = inputs.keys[layer].float()  # [B, Hkv, N, D]
     q = inputs.queries[layer].float()  # [B, H, W, D]
     B, Hkv, N, D = keys.shape
@@ -316,9 +318,27 @@ def interval_attention(inputs: CompactionInputs, layer: int) -> torch.Tensor:
     q = q.view(B, Hkv, q.shape[1] // Hkv, window, D)
     logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys) / math.sqrt(D)  # [B, Hkv, G, W, N]
     query_pos = inputs.next_position - window + torch.arange(window, device=keys.device)
-    visible = inputs.positions[layer][:, :, None, None, :] <= query_pos[:, None]  # [B, Hkv, 1, W, N]
-    probs = logits.masked_fill(~visible, -torch.inf).softmax(-1).nan_to_num(0.0)
-    return probs.sum(-2).amax(2) / window
+    distance = query_pos[:, None] - inputs.positions[layer][:, :, None, None, :]  # [B, Hkv, 1, W, N]
+    probs = logits.masked_fill(distance < 0, -torch.inf).softmax(-1).nan_to_num(0.0)
+    return probs, distance
+
+
+def interval_attention(inputs: CompactionInputs, layer: int) -> torch.Tensor:
+    """``[B, Hkv, N]``: the attention the last ``W`` recorded queries paid each cached key of one layer
+    (:func:`window_probabilities`), summed over the queries and divided by ``W``, max over each GQA group: with
+    ``W`` = the compaction interval, what the queries since the last compaction actually read."""
+    probs, _ = window_probabilities(inputs, layer)
+    return probs.sum(-2).amax(2) / probs.shape[-2]
+
+
+def distant_attention(inputs: CompactionInputs, layer: int, min_distance: int) -> torch.Tensor:
+    """``[B, Hkv, N]``: the mean attention each cached key of one layer received from the recorded queries at least
+    ``min_distance`` positions after it, max over each GQA group; NaN for a key no such query saw (the newest)."""
+    probs, distance = window_probabilities(inputs, layer)
+    far = (distance >= min_distance).to(probs.dtype)
+    count = far.sum(-2)  # [B, Hkv, 1, N]
+    mean = (probs * far).sum(-2) / count
+    return mean.amax(2)  # NaN stays NaN through amax when every head lacks distant queries
 
 
 @dataclass
@@ -337,6 +357,29 @@ class TriAttentionLive(TriAttention):
         live = torch.stack([interval_attention(inputs, i) for i in range(len(inputs.keys))])  # [L, B, Hkv, N]
         return super().scores(inputs) + self.weight * layer_zscore(live.clamp_min(1e-12).log(), inputs,
                                                                      self.per_layer)
+
+
+@dataclass
+class TriAttentionPersistent(TriAttention):
+    """(g) TriAttention's predicted score plus the attention a token receives from queries far from it:
+    ``weight`` times the z-scored log of :func:`distant_attention` (queries at least ``min_distance`` positions
+    later, among the last ``query_window``), per layer and KV head, averaged over layers like the score unless
+    ``per_layer``; the newest ``min_distance`` tokens, which no such query has seen yet, are kept. Motivated by
+    ``bench/oracle_bound.py``: what the whole future attends to is kept mostly for being attended from afar (sink-like
+    tokens, e.g. "." and " the" in SmolLM2), not for the local attention that dominates the last queries."""
+
+    weight: float = 1.0
+    min_distance: int = 32
+    query_window: int = 128
+    name: str = "triattention-persistent"
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        far = torch.stack([distant_attention(inputs, i, self.min_distance) for i in range(len(inputs.keys))])
+        unseen = far.isnan()  # [L, B, Hkv, N]: the newest tokens
+        far = torch.where(unseen, far.nanmean(-1, keepdim=True), far)  # out of the z-score's way; kept below
+        bonus = layer_zscore(far.clamp_min(1e-12).log(), inputs, self.per_layer)
+        scored = super().scores(inputs) + self.weight * bonus
+        return scored.masked_fill(unseen.any(0, keepdim=True) if not self.per_layer else unseen, torch.inf)
 
 
 @dataclass
@@ -474,7 +517,7 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
                 TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, TriAttentionDistinct,
-                TriAttentionLive, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
+                TriAttentionLive, TriAttentionPersistent, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
 }
 
 
