@@ -73,12 +73,27 @@ class FutureAttentionOracle(Policy):
         return scores.mean(0, keepdim=True) if self.shared else scores
 
 
+def most_kept_old(table: torch.Tensor, ids: torch.Tensor, tokenizer, position: int, budget: int,
+                  k: int) -> list[tuple[int, str, int]]:
+    """``(position, token, keep sets)``: the ``k`` tokens older than ``budget + 128`` at ``position`` that the
+    all-future oracle keeps in the most (layer, KV head) keep sets, of ``L · Hkv``."""
+    future = table[position // CHUNK :].mean(0)[..., :position]  # [L, Hkv, position]
+    kept = future.topk(budget, -1).indices.flatten()
+    count = torch.zeros(position).index_add_(0, kept, torch.ones(kept.numel()))
+    count[position - budget - CHUNK :] = 0
+    top = count.topk(k).indices
+    return [(int(i), tokenizer.decode(ids[i]), int(count[i])) for i in top]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", type=Path, required=True, help="a `triattn eval` output folder (its documents)")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--horizons", type=int, nargs="+", default=[1, 4, 0])
     p.add_argument("--shared", action="store_true", help="one keep set for all layers (mean over layers)")
+    p.add_argument("--show-kept", type=int, default=0, metavar="K",
+                   help="instead: print, per document, the K old tokens (more than B + 128 back at the first scored "
+                   "position) that the all-future oracle keeps in most (layer, KV head) keep sets")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -99,6 +114,10 @@ def main() -> None:
             raise SystemExit(f"full attention on {d} differs from the reference by {drift:.2e} nats: not the same "
                              "model or tokens")
         tables[d] = future_attention(model, ids, kv_heads)
+        if args.show_kept:
+            print(d, most_kept_old(tables[d], ids, tokenizer, first, args.budget, args.show_kept), flush=True)
+    if args.show_kept:
+        return
     switch = PolicySwitch()
     div = min(cfg["divide_length"], args.budget)
     tc.optimize(model, budget=args.budget, divide_length=div, protect_prompt=False, compiler=cfg["compiler"],

@@ -408,10 +408,11 @@ def test_persistent_variant_scores_attention_from_distant_queries_and_keeps_the_
     cand = torch.arange(far.shape[-1]) >= 3
     z = (logs - logs[..., cand].mean(-1, keepdim=True)) / logs[..., cand].std(-1, unbiased=False, keepdim=True)
     want = TriAttention(noise=0.0).scores(inp).double() + 0.7 * z.mean(0)
-    got = TriAttentionPersistent(weight=0.7, min_distance=4, noise=0.0).scores(inp).double()
+    got = TriAttentionPersistent(weight=0.7, min_distance=4, per_layer=False, noise=0.0).scores(inp).double()
     assert torch.isinf(got[newest[:1]]).all()
     compared = ~newest[:1] & cand
     torch.testing.assert_close(got[compared], want[compared], rtol=1e-4, atol=1e-4)
+    assert TriAttentionPersistent(min_distance=4).scores(inp).shape[0] == len(inp.keys)  # per layer by default
 
 
 def test_every_policy_runs_the_schedule():

@@ -363,13 +363,15 @@ class TriAttentionLive(TriAttention):
 class TriAttentionPersistent(TriAttention):
     """(g) TriAttention's predicted score plus the attention a token receives from queries far from it:
     ``weight`` times the z-scored log of :func:`distant_attention` (queries at least ``min_distance`` positions
-    later, among the last ``query_window``), per layer and KV head, averaged over layers like the score unless
-    ``per_layer``; the newest ``min_distance`` tokens, which no such query has seen yet, are kept. Motivated by
+    later, among the last ``query_window``), per layer and KV head, one keep set per layer (``per_layer``; the
+    defaults are the settings chosen on the development documents); the newest ``min_distance`` tokens, which no such
+    query has seen yet, are kept. Motivated by
     ``bench/oracle_bound.py``: what the whole future attends to is kept mostly for being attended from afar (sink-like
     tokens, e.g. "." and " the" in SmolLM2), not for the local attention that dominates the last queries."""
 
-    weight: float = 1.0
-    min_distance: int = 32
+    weight: float = 2.0
+    min_distance: int = 64
+    per_layer: bool = True
     query_window: int = 128
     name: str = "triattention-persistent"
 
