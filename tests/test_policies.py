@@ -413,6 +413,9 @@ def test_persistent_variant_scores_attention_from_distant_queries_and_keeps_the_
     compared = ~newest[:1] & cand
     torch.testing.assert_close(got[compared], want[compared], rtol=1e-4, atol=1e-4)
     assert TriAttentionPersistent(min_distance=4).scores(inp).shape[0] == len(inp.keys)  # per layer by default
+    inp.budget = 6  # at most half the budget is protected, whatever min_distance
+    capped = TriAttentionPersistent(min_distance=4).scores(inp)
+    assert (torch.isinf(capped) == (inp.positions >= inp.next_position - 3)).all()
 
 
 def test_every_policy_runs_the_schedule():

@@ -364,10 +364,10 @@ class TriAttentionPersistent(TriAttention):
     """(g) TriAttention's predicted score plus the attention a token receives from queries far from it:
     ``weight`` times the z-scored log of :func:`distant_attention` (queries at least ``min_distance`` positions
     later, among the last ``query_window``), per layer and KV head, one keep set per layer (``per_layer``; the
-    defaults are the settings chosen on the development documents); the newest ``min_distance`` tokens, which no such
-    query has seen yet, are kept. Motivated by
-    ``bench/oracle_bound.py``: what the whole future attends to is kept mostly for being attended from afar (sink-like
-    tokens, e.g. "." and " the" in SmolLM2), not for the local attention that dominates the last queries."""
+    defaults are the settings chosen on the development documents). The newest ``min_distance`` tokens, which no such
+    query has seen yet, are kept, at most half the budget of them (at B = 64 all 64 would evict the sinks).
+    Motivated by ``bench/oracle_bound.py``: what the whole future attends to is kept mostly for being attended from
+    afar (sink-like tokens, e.g. "." and " the" in SmolLM2), not for the local attention of the last queries."""
 
     weight: float = 2.0
     min_distance: int = 64
@@ -378,10 +378,12 @@ class TriAttentionPersistent(TriAttention):
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         far = torch.stack([distant_attention(inputs, i, self.min_distance) for i in range(len(inputs.keys))])
         unseen = far.isnan()  # [L, B, Hkv, N]: the newest tokens
-        far = torch.where(unseen, far.nanmean(-1, keepdim=True), far)  # out of the z-score's way; kept below
+        far = torch.where(unseen, far.nanmean(-1, keepdim=True), far)  # neutral in the z-score
         bonus = layer_zscore(far.clamp_min(1e-12).log(), inputs, self.per_layer)
         scored = super().scores(inputs) + self.weight * bonus
-        return scored.masked_fill(unseen.any(0, keepdim=True) if not self.per_layer else unseen, torch.inf)
+        # the unseen are kept, at most half the budget of them (the newest): the rest must hold the sinks
+        window = min(self.min_distance, inputs.budget // 2)
+        return protect_recent(scored, inputs, window, sinks=0)
 
 
 @dataclass
