@@ -1,11 +1,13 @@
 """What the project's HF path finds for a checkpoint, for the vLLM tests to compare with. Runs in the main venv
 (transformers >= 5.23), not in the vLLM one:
 
-    python tests_vllm/hf_reference.py MODEL OUT.json [--keys IDS.json]
+    python tests_vllm/hf_reference.py MODEL OUT.json [--keys IDS.json | --stats IDS.json]
 
 OUT.json: ``triattn_compile.discover(model)`` as the same dict ``VllmLayout.as_dict`` gives (without layer names).
 With ``--keys``: instead, the post-RoPE keys the unmodified HF model caches for each token id list in IDS.json
-(``[[ids], ...]`` -> ``[[per layer [Hkv, len, D]], ...]``, float32, one forward each).
+(``[[ids], ...]`` -> ``[[per layer [Hkv, len, D]], ...]``, float32, one forward each). With ``--stats``: the
+running sums ``triattn_compile.calibrate`` makes over those token id lists, one document each (``{name: nested
+list}``, ``calibration.stats.TENSOR_NAMES``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def main() -> None:
     if "--keys" in sys.argv:
         with open(sys.argv[sys.argv.index("--keys") + 1]) as fh:
             result = [cached_keys(model, ids) for ids in json.load(fh)]
+    elif "--stats" in sys.argv:
+        from triattn_compile.calibration.stats import TENSOR_NAMES
+
+        with open(sys.argv[sys.argv.index("--stats") + 1]) as fh:
+            stats = tc.calibrate(model, [torch.tensor(ids) for ids in json.load(fh)])
+        result = {name: t.tolist() for name, t in zip(TENSOR_NAMES, stats.tensors())}
     else:
         result = layout_dict(tc.discover(model))
     with open(sys.argv[2], "w") as fh:

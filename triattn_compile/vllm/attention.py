@@ -14,7 +14,7 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
 
 from triattn_compile.policies import TriAttention
-from triattn_compile.vllm.backend import discovered
+from triattn_compile.vllm.backend import discovered, start_serving
 from triattn_compile.vllm.compaction import BlockLayout, PagedCompressor
 from triattn_compile.vllm.paged import PagedSchedule
 from triattn_compile.vllm.settings import parse_settings
@@ -41,9 +41,9 @@ def _sources(vllm_config):
     if found is None:
         raise RuntimeError("TriAttention in vLLM: the model was not compiled through the plugin's backend, so no "
                            "sites were found; do not set compilation_config.backend yourself")
-    if stats is None:
-        raise RuntimeError("TriAttention in vLLM: no statistics loaded; set additional_config['triattn']['stats'] "
-                           "to a `triattn calibrate` file of this model")
+    if stats is None or stats.tokens() == 0:
+        raise RuntimeError("TriAttention in vLLM: no query statistics (none loaded, none captured online); set "
+                           "additional_config['triattn']['stats'] to a `triattn calibrate` file of this model")
     from triattn_compile.vllm.worker import kv_tensor
 
     context = vllm_config.compilation_config.static_forward_context
@@ -104,6 +104,7 @@ class TriAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         if self.compressor is not None:
+            start_serving()
             common_attn_metadata = self.compressor.before_attention(common_attn_metadata)
         return super().build(common_prefix_len, common_attn_metadata, fast_build)
 

@@ -47,10 +47,8 @@ def switch_on(vllm_config, prefix_caching: bool | None = None) -> None:
         return
     compilation = vllm_config.compilation_config
     where = f"additional_config[{SETTINGS_KEY!r}]"
-    if settings.stats is None:
-        raise SettingsError(f"{where}: vLLM needs a statistics file (online calibration is not available there "
-                            "yet); make one with `triattn calibrate --model <this model's HF folder>` and set stats")
-    if Path(settings.stats).resolve().parent == Path(vllm_config.model_config.model).resolve():
+    model_folder = Path(vllm_config.model_config.model).resolve()
+    if settings.stats is not None and Path(settings.stats).resolve().parent == model_folder:
         raise SettingsError(f"{where}: the stats file {settings.stats} is in the model's folder, where vLLM would load "
                             "it as weights; move it out of the folder")
     if prefix_caching:

@@ -30,7 +30,8 @@ class VllmSettings:
         divide_length: decode steps between compactions.
         per_layer: one keep set per (layer, KV head) instead of one per KV head shared by all layers.
         stats: a statistics file made by ``triattn calibrate`` on this model's HF checkpoint; it is validated
-            against the layout found in vLLM's graph when the engine compiles.
+            against the layout found in vLLM's graph when the engine compiles. ``None``: calibrated online, from
+            every query the engine serves (pooled over requests, from the first step on).
         protect_prompt: keep the whole prompt and count it in the budget.
     """
 

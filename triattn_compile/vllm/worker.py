@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-from triattn_compile.vllm.backend import discovered
+from triattn_compile.calibration.stats import TENSOR_NAMES
+from triattn_compile.vllm.backend import calibrating_online, discovered
 
 register_backend(AttentionBackendEnum.CPU_ATTN, "triattn_compile.vllm.attention.TriAttentionCPUBackend")
 
@@ -25,7 +26,9 @@ def kv_tensor(attention: object) -> torch.Tensor | None:
 
 def report(worker: object) -> dict:
     """JSON-able: ``{"compaction": [PagedCompressor.report()], "layout": VllmLayout.as_dict() | None,
-    "stats_tokens": int | None, "paged": {...}}``.
+    "stats_tokens": int | None, "online": bool, "online_stats": {name: nested list} | None, "paged": {...}}``.
+
+    ``online_stats``: the running sums of online calibration (``calibration.stats.TENSOR_NAMES``), when on.
 
     ``paged`` has, per discovered layer name, the attention implementation's class and its KV tensor's shape and
     dtype, and the engine's block size (:class:`TriAttentionWorkerExtension` serves it to ``collective_rpc``).
@@ -48,6 +51,9 @@ def report(worker: object) -> dict:
         "compaction": [c.report() for c in compressors()],
         "layout": found.as_dict() if found is not None else None,
         "stats_tokens": stats.tokens() if stats is not None else None,
+        "online": calibrating_online(),
+        "online_stats": ({name: t.tolist() for name, t in zip(TENSOR_NAMES, stats.tensors())}
+                         if calibrating_online() and stats is not None else None),
         "block_size": config.cache_config.block_size if config is not None else None,
         "paged": paged,
     }
