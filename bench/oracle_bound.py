@@ -38,6 +38,7 @@ def future_attention(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor:
     probability each key position receives, mean over the chunk's queries, max over the GQA group."""
     from transformers import DynamicCache
 
+    previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the only implementation that returns probabilities
     try:
         cache, rows = DynamicCache(), []
@@ -52,7 +53,7 @@ def future_attention(model, ids: torch.Tensor, kv_heads: int) -> torch.Tensor:
             rows.append(torch.nn.functional.pad(row, (0, ids.numel() - row.shape[-1])))
         return torch.stack(rows)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(previous)
 
 
 @dataclass
