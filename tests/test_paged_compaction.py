@@ -75,8 +75,9 @@ def test_peak_blocks_bounds_what_a_request_holds():
 
 
 def test_layouts_the_paged_compaction_refuses_at_discovery():
-    """A model with sliding-window layers is refused in one line when vLLM's graph is discovered (engine start), not
-    at its first compaction; full-attention layouts pass."""
+    """A model whose every layer is a sliding-window layer is refused in one line when vLLM's graph is discovered
+    (engine start): vLLM already bounds that cache, and nothing is left to score. Full-attention layouts pass, and so
+    do mixed ones (Gemma-2: the sliding-window layers are left to vLLM, the policy scores the others)."""
     import transformers as T
     from conftest import tiny_llama
 
@@ -85,8 +86,12 @@ def test_layouts_the_paged_compaction_refuses_at_discovery():
 
     check_supported(tc.discover(tiny_llama()))
     torch.manual_seed(0)
-    config = T.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, sliding_window=32)
-    with pytest.raises(ValueError, match="this model has sliding-window layers;") as info:
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    mixed = tc.discover(T.Gemma2ForCausalLM(T.Gemma2Config(**small, sliding_window=32)).eval(), budget=256)
+    assert (mixed.windowed_layers, mixed.scored_layers) == ([0], [1])
+    check_supported(mixed)
+    config = T.MistralConfig(**small, sliding_window=32)
+    with pytest.raises(ValueError, match="every attention layer of this model is a sliding-window layer") as info:
         check_supported(tc.discover(T.MistralForCausalLM(config).eval(), budget=256))
     assert "\n" not in str(info.value)

@@ -1,4 +1,5 @@
-"""Small offline checkpoints for the vLLM tests: random decoders (Llama, GPT-NeoX) with SmolLM2's tokenizer."""
+"""Small offline checkpoints for the vLLM tests: random decoders (Llama, GPT-NeoX, Gemma-2, Cohere-2) with SmolLM2's
+tokenizer."""
 
 from __future__ import annotations
 
@@ -46,3 +47,18 @@ def tiny_gpt_neox(folder: str | Path, seed: int = 0) -> Path:
 
     return save_tiny(folder, GPTNeoXConfig, GPTNeoXForCausalLM, seed, hidden_size=256, intermediate_size=512,
                      num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=2048)
+
+
+def tiny_windowed(folder: str | Path, family: str, window: int = 64, seed: int = 0) -> Path:
+    """A random decoder whose first layer has a ``window``-token sliding window and whose second is global, GQA:
+    Gemma-2 (RoPE in both, logit soft-capping) or Cohere-2 (interleaved RoPE in the windowed layer, none in the global
+    one)."""
+    import transformers
+
+    config, model = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "cohere2": ("Cohere2Config",
+                                                                                 "Cohere2ForCausalLM")}[family]
+    return save_tiny(folder, getattr(transformers, config), getattr(transformers, model), seed, hidden_size=256,
+                     intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64, max_position_embeddings=2048, sliding_window=window, tie_word_embeddings=True,
+                     layer_types=["sliding_attention", "full_attention"],
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

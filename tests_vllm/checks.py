@@ -42,8 +42,8 @@ def keep_sets_equal_the_hf_path(report: dict, stats_file: Path, budget: int, pro
         keys, values = ([torch.tensor(x) for x in record[name]] for name in ("keys", "values"))
         n = keys[0].shape[1]
         cache = compressor.new_cache(1, torch.device("cpu"), torch.float32)
-        for layer, k, v in zip(cache.layers, keys, values):
-            layer.keys[0, :, :n], layer.values[0, :, :n] = k, v
+        for i, k, v in zip(record["layers"], keys, values):  # the scored layers (not the sliding-window ones)
+            cache.layers[i].keys[0, :, :n], cache.layers[i].values[0, :, :n] = k, v
         cache.slot_pos[:, 0, :, :n] = torch.tensor(record["positions"])[0]
         # the HF cache counts a prompt only where it is protected (CompressedCache.record_write)
         cache.fill[0], cache.prompt[0] = n, record["prompt"] if protect_prompt else 0
@@ -70,6 +70,7 @@ def paged_keys_are_the_hf_models_keys(engine_run: dict, model_dir: Path, workdir
                 "--keys", str(workdir / f"{name}-ids.json")])
     assert done.returncode == 0, done.stderr[-3000:]
     for record, hf in zip(records, json.loads((workdir / f"{name}-hf-keys.json").read_text())):
-        for layer, (paged, reference) in enumerate(zip(record["keys"], hf)):
+        for layer, paged in zip(record["layers"], record["keys"]):
+            reference = hf[layer]
             torch.testing.assert_close(torch.tensor(paged), torch.tensor(reference), rtol=1e-4, atol=1e-4,
                                        msg=lambda m, layer=layer: f"layer {layer}: {m}")

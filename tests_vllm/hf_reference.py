@@ -1,13 +1,17 @@
 """What the project's HF path finds for a checkpoint, for the vLLM tests to compare with. Runs in the main venv
 (transformers >= 5.23), not in the vLLM one:
 
-    python tests_vllm/hf_reference.py MODEL OUT.json [--keys IDS.json | --stats IDS.json]
+    python tests_vllm/hf_reference.py MODEL OUT.json [--keys IDS.json | --stats IDS.json
+                                                      | --generate IDS.json TOKENS OPTIONS.json]
 
 OUT.json: ``triattn_compile.discover(model)`` as the same dict ``VllmLayout.as_dict`` gives (without layer names).
 With ``--keys``: instead, the post-RoPE keys the unmodified HF model caches for each token id list in IDS.json
 (``[[ids], ...]`` -> ``[[per layer [Hkv, len, D]], ...]``, float32, one forward each). With ``--stats``: the
 running sums ``triattn_compile.calibrate`` makes over those token id lists, one document each (``{name: nested
-list}``, ``calibration.stats.TENSOR_NAMES``).
+list}``, ``calibration.stats.TENSOR_NAMES``). With ``--generate``: ``{"outputs": [[ids]], "logprobs": [[floats]]}``, the
+greedy continuation of ``TOKENS`` tokens of each prompt, and each chosen token's log-probability, by the project's HF
+path (``optimize(model, **options)``, Dynamo's eager backend; an end token does
+not stop it), one prompt at a time (``[[ids], ...]``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,21 @@ def main() -> None:
         with open(sys.argv[sys.argv.index("--stats") + 1]) as fh:
             stats = tc.calibrate(model, [torch.tensor(ids) for ids in json.load(fh)])
         result = {name: t.tolist() for name, t in zip(TENSOR_NAMES, stats.tensors())}
+    elif "--generate" in sys.argv:
+        at = sys.argv.index("--generate")
+        prompts_file, tokens, options = sys.argv[at + 1: at + 4]
+        tc.optimize(model, **{**json.loads(options), "compiler": "eager"})
+        with open(prompts_file) as fh:
+            prompts = json.load(fh)
+        model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: an end token does not stop it
+        result = {"outputs": [], "logprobs": []}
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=int(tokens), do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            chosen = out.sequences[0, len(ids):]
+            logits = torch.stack(out.logits)[:, 0].float()  # [T, vocab], raw (as vLLM's default raw_logprobs)
+            result["outputs"].append(chosen.tolist())
+            result["logprobs"].append(logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0].tolist())
     else:
         result = layout_dict(tc.discover(model))
     with open(sys.argv[2], "w") as fh:

@@ -95,6 +95,11 @@ class Layout:
         return [layer.index for layer in self.layers if layer.window]
 
     @property
+    def scored_layers(self) -> list[int]:
+        """The layers the policy decides (every layer but the sliding-window ones)."""
+        return [layer.index for layer in self.layers if not layer.window]
+
+    @property
     def signature(self) -> RotarySignature:
         """What a statistics file must agree on with this layout."""
         r = self.rotary

@@ -253,13 +253,40 @@ def is_op(node: object, name: str) -> bool:
 
 def _walk_to_rotary(node: Node) -> RotaryMatch | None:
     """From a vLLM attention operand (``[T, H, D]``) back through views/reshapes to the first node whose rotary form
-    is recognised (vLLM rotates ``[T, H, D]`` and reshapes to ``[T, H * D]`` and back around it)."""
+    is recognised (vLLM rotates ``[T, H, D]`` and reshapes to ``[T, H * D]`` and back around it), or a NoPE
+    operand (:func:`_unrotated_slice`)."""
+    start = node
     while isinstance(node, Node):
         found = match_rotary(node)
         if found is not None or not (_is_layout(node) or _is(node, "reshape", "view", torch.reshape)):
-            return found
+            return found or _unrotated_slice(start)
         node = node.args[0]
     return None
+
+
+_SLICING = ("view", "reshape", torch.reshape, "contiguous", operator.getitem, "split", torch.split, "narrow")
+
+
+def _unrotated_slice(node: Node) -> RotaryMatch | None:
+    """A NoPE layer in vLLM's graph: the operand is a slice of a fused projection's output (``qkv.split``) reshaped
+    into heads, and nothing else reads it on the way (an in-place RoPE op would). The projection is a linear op or,
+    as vLLM's CPU linear layers run, an out-variant op filling a fresh buffer (``onednn_mm(out, x, bias, weights)``:
+    the buffer's one other reader, taking it first, with an input besides it)."""
+    path = [node]
+    while _is(path[-1], *_SLICING) and isinstance(path[-1].args[0], Node):
+        path.append(path[-1].args[0])
+    source = path[-1]
+    for read, parent in zip(path, path[1:-1]):  # the source's own readers are checked below
+        siblings = [u for u in parent.users if u is not read]
+        if siblings and not (_is(parent, "split", torch.split) and all(_is(u, operator.getitem) for u in siblings)):
+            return None  # another reader of the query on its way (an in-place rotary op)
+    if _is(source, *_LINEAR):
+        return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)")
+    writers = [u for u in source.users if u is not path[-2]] if len(path) > 1 else []
+    filled = (_is(source, *_EMPTY) and len(writers) == 1 and writers[0].op == "call_function"
+              and writers[0].args[:1] == (source,)
+              and any(isinstance(a, Node) and a is not source for a in writers[0].args[1:]))
+    return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)") if filled else None
 
 
 _EMPTY = ("new_empty", "new_zeros", torch.empty, torch.zeros, torch.empty_like, torch.zeros_like)

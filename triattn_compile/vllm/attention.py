@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
 from triattn_compile.policies import TriAttention
 from triattn_compile.vllm.backend import discovered, start_serving
@@ -35,8 +36,43 @@ def compressor_for(vllm_config) -> PagedCompressor | None:
     return _COMPRESSORS[key]
 
 
+def claim_group(compressor: PagedCompressor, kv_cache_spec, layer_names) -> bool:
+    """Whether the metadata builder of the KV cache group ``layer_names`` (spec ``kv_cache_spec``) compacts: a
+    sliding-window group does not (vLLM frees what leaves its window); one full-attention group does, every step,
+    with its block table. A second full-attention group, or another kind, is refused in one line."""
+    if isinstance(kv_cache_spec, SlidingWindowSpec):
+        return False
+    if not isinstance(kv_cache_spec, FullAttentionSpec):
+        raise ValueError(f"TriAttention in vLLM compacts full-attention KV cache groups; this model has a "
+                         f"{type(kv_cache_spec).__name__} group; serve it without the triattn setting")
+    names = tuple(layer_names)
+    claimed = compressor.group
+    if claimed is not None and set(claimed) != set(names):
+        raise ValueError(f"TriAttention in vLLM: this model's full-attention layers are split over several KV cache "
+                         f"groups ({len(claimed)} and {len(names)} layers); only one such group is supported; serve "
+                         "it without the triattn setting")
+    compressor.group = names
+    found, _ = discovered()
+    if found is not None:  # discovery ran at the first compile, before vLLM made the KV cache and its builders
+        check_group(found, names)
+    return True
+
+
+def check_group(found, group) -> None:
+    """The compacting KV cache group ``group`` (layer names) must be exactly the full-attention layers of ``found``
+    (a :class:`~triattn_compile.vllm.discovery.VllmLayout`); one line otherwise."""
+    scored = {found.layer_names[i] for i in found.layout.scored_layers}
+    if set(group) & {found.layer_names[i] for i in found.layout.windowed_layers}:
+        raise ValueError("TriAttention in vLLM: the sliding-window layers share a KV cache group with the "
+                         "full-attention layers (vLLM's hybrid KV cache manager is off); leave it on (drop "
+                         "--disable-hybrid-kv-cache-manager)")
+    if set(group) != scored:
+        raise ValueError(f"TriAttention in vLLM: the KV cache group compacted ({len(group)} layers) is not the "
+                         f"model's {len(scored)} full-attention layers")
+
+
 def _sources(vllm_config):
-    """``(layout, stats, kv_caches)`` of this process (``PagedCompressor``'s ``source``)."""
+    """``(layout, stats, kv_caches, block_layout)`` of this process (``PagedCompressor``'s ``source``)."""
     found, stats = discovered()
     if found is None:
         raise RuntimeError("TriAttention in vLLM: the model was not compiled through the plugin's backend, so no "
@@ -47,8 +83,11 @@ def _sources(vllm_config):
     from triattn_compile.vllm.worker import kv_tensor
 
     context = vllm_config.compilation_config.static_forward_context
+    scored = [found.layer_names[i] for i in found.layout.scored_layers]
+    check_group(found, compressor_for(vllm_config).group or scored)
     kv = [kv_tensor(context[name]) for name in found.layer_names]
-    return found.layout, stats, kv, probe_layout(kv[0], getattr(context[found.layer_names[0]], "isa", None),
+    first = scored[0]
+    return found.layout, stats, kv, probe_layout(kv_tensor(context[first]), getattr(context[first], "isa", None),
                                                  vllm_config.cache_config.cache_dtype)
 
 
@@ -100,7 +139,9 @@ class TriAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, **kwargs)
-        self.compressor = compressor_for(vllm_config)  # once: the settings are parsed here, not every step
+        compressor = compressor_for(vllm_config)  # once: the settings are parsed here, not every step
+        compacts = compressor is not None and claim_group(compressor, kv_cache_spec, layer_names)
+        self.compressor = compressor if compacts else None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         if self.compressor is not None:

@@ -87,7 +87,7 @@ class DiscoveryBackend:
         config = self.vllm_config
         settings = parse_settings(config.additional_config) or VllmSettings()
         hf_config = config.model_config.hf_config if config.model_config is not None else None
-        # window layers are refused whatever their width (check_supported), so they are not checked against the budget
+        # sliding-window layers are left to vLLM (check_supported), so their width is not checked against the budget
         found = discover_vllm(gm, example_inputs, hf_config, budget=None)
         check_supported(found.layout)  # at engine start, not at the first compaction
         if settings.stats:

@@ -1,8 +1,9 @@
 """The worker side of TriAttention in vLLM: per request, score the cached keys, keep the top ``budget`` per KV head in
 the request's leading blocks, and point attention at the live blocks (:mod:`~triattn_compile.vllm.paged`).
 
-:class:`PagedCompressor` is called by the attention metadata builder once per step, before the forward
-(:mod:`~triattn_compile.vllm.attention`), with vLLM's :class:`CommonAttentionMetadata`. It
+:class:`PagedCompressor` is called by the metadata builder of the full-attention KV cache group once per step, before
+the forward (:mod:`~triattn_compile.vllm.attention`), with vLLM's :class:`CommonAttentionMetadata` (sliding-window
+layers, in their own groups, are left to vLLM). It
 
 - learns each request's prompt length from its prefill rows (``is_prefilling``), keyed by the request's first block
   (a block is owned by one request at a time, and with prefix caching off a request starts at position 0);
@@ -32,6 +33,7 @@ from triattn_compile.kernels.compact import keep_slots
 from triattn_compile.passes.discover import Layout
 from triattn_compile.policies import CompactionInputs, Policy, TriAttention
 from triattn_compile.vllm.paged import PagedSchedule
+from triattn_compile.vllm.settings import ALL_WINDOWED
 
 RECORD_ENV = "TRIATTN_VLLM_RECORD"  # tests: how many compactions the worker keeps a copy of (keys, keep sets)
 
@@ -125,12 +127,13 @@ def move_kept(paged: list[torch.Tensor], blocks: torch.Tensor, layout: BlockLayo
 
 def check_supported(layout: Layout) -> None:
     """Raise a one-line ``ValueError`` for a layout the paged compaction does not handle (checked at discovery, when
-    the engine starts, and again when a compressor binds)."""
-    kinds = [name for name, present in (("latent (MLA)", layout.latent_maps),
-                                        ("sliding-window", layout.windowed_layers)) if present]
-    if kinds:
-        raise ValueError(f"TriAttention in vLLM supports full-attention layers with per-head keys; this model has "
-                         f"{' and '.join(kinds)} layers; serve it without the triattn setting, or use optimize()")
+    the engine starts, and again when a compressor binds). Sliding-window layers are left to vLLM, whose
+    sliding-window manager already keeps only their window; the policy decides the other layers."""
+    if layout.latent_maps:
+        raise ValueError("TriAttention in vLLM supports attention layers with per-head keys; this model has latent "
+                         "(MLA) layers; serve it without the triattn setting, or use optimize()")
+    if not layout.scored_layers:
+        raise ValueError(ALL_WINDOWED)
 
 
 class PagedCompressor:
@@ -158,6 +161,7 @@ class PagedCompressor:
         self.paged: list[torch.Tensor] = []
         self.block_layout: BlockLayout | None = None
         self.requests: dict[int, RequestState] = {}
+        self.group: tuple[str, ...] | None = None  # the layer names of the KV cache group whose builder compacts
         self.compactions = 0
         self.seconds = {"compaction": 0.0, "metadata": 0.0}  # wall time in compact() / the rest of before_attention
         self.records: list[dict] = []
@@ -235,6 +239,7 @@ class PagedCompressor:
         keep = keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window, s.budget)
         if recording:
             self.records.append({"position": position, "prompt": state.prompt, "round": state.rounds,
+                                 "layers": self.layout.scored_layers,
                                  "positions": positions.tolist(), "keep": keep.tolist(),
                                  "keys": keys.tolist(), "values": values.tolist()})
         sets = keep.shape[0]
@@ -250,31 +255,33 @@ class PagedCompressor:
 
     def bind(self, layout: Layout, stats: QueryStats, kv_caches: list[torch.Tensor],
              block_layout: BlockLayout | None = None) -> None:
-        """Take the layout, statistics, paged KV tensors and where the kernel puts a token in a block (``source``'s
-        result; token-major where not given)."""
+        """Take the layout, statistics, paged KV tensors (one per layer; the sliding-window layers' are left alone)
+        and where the kernel puts a token in a block (``source``'s result; token-major where not given)."""
         check_supported(layout)
-        self.layout, self.stats, self.paged = layout, stats, [paged_view(kv) for kv in kv_caches]
+        self.layout, self.stats = layout, stats
+        self.paged = [paged_view(kv_caches[i]) for i in layout.scored_layers]
         self.block_layout = block_layout or BlockLayout.token_major(self.schedule.block_size, layout.head_dim)
 
     def inputs(self, keys: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor, position: int,
                state: RequestState) -> CompactionInputs:
-        """What the policy sees (``schedule.compaction_inputs`` of the HF path, for one request of vLLM's cache, all
-        layers stacked: ``keys``/``values`` ``[L, Hkv, N, D]``; values only for a policy that reads them)."""
+        """What the policy sees (``schedule.compaction_inputs`` of the HF path, for one request of vLLM's cache, the
+        scored layers stacked: ``keys``/``values`` ``[L', Hkv, N, D]``; values only for a policy that reads them)."""
         layout, stats = self.layout, self.stats
         start = layout.rotary.rotary_start
-        num_layers = len(keys)
+        scored = layout.scored_layers
+        pick = (lambda t: t) if len(scored) == layout.num_layers else (lambda t: None if t is None else t[scored])
         return CompactionInputs(
             keys=(keys.roll(-start, -1) if start else keys)[:, None],
-            positions=positions[:, None].expand(num_layers, -1, -1, -1),
+            positions=positions[:, None].expand(len(scored), -1, -1, -1),
             next_position=position,
             num_protected=state.prompt if self.protect_prompt else 0,
             round=state.rounds,
-            q_mean=stats.q_mean(),
-            q_abs=stats.q_abs(),
-            omega=layout.omega,
+            q_mean=pick(stats.q_mean()),
+            q_abs=pick(stats.q_abs()),
+            omega=pick(layout.omega),
             pairing=layout.rotary.key_pairing,
             scale=float(layout.attention_scaling),
-            q_pass=stats.q_pass_mean(),
+            q_pass=pick(stats.q_pass_mean()),
             values=None if values is None else values[:, None],
             budget=self.schedule.budget,
         )

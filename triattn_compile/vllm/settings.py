@@ -77,6 +77,10 @@ def parse_settings(additional_config: object) -> VllmSettings | None:
     return settings
 
 
+ALL_WINDOWED = ("TriAttention in vLLM: every attention layer of this model is a sliding-window layer, whose cache "
+                "vLLM already bounds to its window; serve it without the triattn setting")
+
+
 def prompt_limit(budget: int, divide_length: int, protect_prompt: bool) -> int:
     """The longest prompt a request may have, as on the HF path: a protected prompt is kept whole, so it must fit in
     the ``budget`` kept tokens; an unprotected one is scored like any token, and the cache holds at most
