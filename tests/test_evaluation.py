@@ -12,7 +12,7 @@ from conftest import tiny_llama
 import triattn_compile as tc
 from triattn_compile.cli import main
 from triattn_compile.evaluation import EvalConfig, agreement, nll, report, retrieval
-from triattn_compile.evaluation.harness import PolicySwitch
+from triattn_compile.evaluation.harness import PolicySwitch, distant_attention_distance
 from triattn_compile.policies import make_policy
 
 
@@ -115,6 +115,13 @@ def test_eval_parser_and_config_errors(capsys):
         EvalConfig(policies=("nope",))
     with pytest.raises(ValueError, match="leaves nothing to score"):
         EvalConfig(doc_tokens=1000)
+    # one compiled graph records one distance-filtered attention sum: the requested policies must agree on it
+    with pytest.raises(ValueError, match="different minimum distances"):
+        EvalConfig(policies=("triattention-lasting/min_distance=32", "triattention-lasting/min_distance=64"))
+    assert distant_attention_distance(("triattention", "triattention-lasting/min_distance=32,weight=2")) == 32
+    assert distant_attention_distance(("triattention", "h2o")) == 0  # nothing recorded
+    with pytest.raises(ValueError, match="records it from >= 64"):
+        PolicySwitch(make_policy("triattention-lasting"), distant_attention=64).scores(None)
 
 
 def test_paired_difference_and_resume(tmp_path):

@@ -23,6 +23,7 @@ from triattn_compile.policies import (
     TriAttention,
     TriAttentionDistinct,
     TriAttentionDiverse,
+    TriAttentionLasting,
     TriAttentionLive,
     TriAttentionObserved,
     TriAttentionPersistent,
@@ -96,7 +97,7 @@ def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "triattention-observed", "triattention-distinct", "triattention-live",
-                             "triattention-persistent",
+                             "triattention-persistent", "triattention-lasting",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -265,6 +266,136 @@ def test_accumulated_attention_after_compaction():
         q = cache.queries[layer][:, :, -4:]
         got = (cache.attention[layer] - before[layer])[..., :20].double()
         torch.testing.assert_close(got, manual_attention_mass(q, keys, 0), rtol=1e-5, atol=1e-5)
+
+
+def manual_distant_mass(q: torch.Tensor, k: torch.Tensor, query_pos: list[int], key_pos: torch.Tensor,
+                        min_distance: int) -> torch.Tensor:
+    """Loop reference of the distance-filtered sum: for every query head, query ``t`` (at ``query_pos[t]``) and key
+    slot ``s`` it sees (``0 <= key_pos <= query_pos``), the softmax over the seen slots, added to ``s`` only when
+    ``query_pos[t] - key_pos[s] >= min_distance``; ``[B, Hkv, S]`` float64."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Hkv, S, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            j = h // (H // Hkv)
+            for t in range(T):
+                seen = [s for s in range(S) if 0 <= int(key_pos[b, j, s]) <= query_pos[t]]
+                logits = torch.stack([q[b, h, t].double() @ k[b, j, s].double() for s in seen]) / math.sqrt(D)
+                probs = torch.softmax(logits, 0)
+                for i, s in enumerate(seen):
+                    if query_pos[t] - int(key_pos[b, j, s]) >= min_distance:
+                        out[b, j, s] += probs[i]
+    return out
+
+
+def test_distant_attention_matches_loop_reference_before_and_after_compaction():
+    """The in-graph distance filter (``passes/rewrite.py::distant_slots``) sums exactly the probabilities of keys at
+    least ``min_distance`` before each query; after a compaction, over the kept slots only, with their positions."""
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (28,), generator=torch.Generator().manual_seed(6))
+    q_ref, k_ref = independent_qk(model, ids[:20])
+
+    class Recording(TriAttentionLasting):
+        query_window = 8
+
+    tc.optimize(model, budget=16, divide_length=8, compiler="eager", policy=Recording(min_distance=3),
+                protect_prompt=False)
+    with torch.no_grad():
+        model(input_ids=ids[None, :12])
+        cache = tc.current_cache(model)
+        model(input_ids=ids[None, 12:15], past_key_values=cache)
+        assert cache.rounds == 0
+        for layer in range(2):
+            want = manual_distant_mass(q_ref[layer][:, :, :15], k_ref[layer][:, :, :15], list(range(15)),
+                                       torch.arange(15).expand(1, 2, 15), 3)
+            torch.testing.assert_close(cache.distant_attention[layer, :, :, :15].double(), want, rtol=1e-5, atol=1e-6)
+            assert (cache.distant_attention[layer, :, :, 15:] == 0).all()
+            total = manual_attention_mass(q_ref[layer][:, :, :15], k_ref[layer][:, :, :15], 0)
+            torch.testing.assert_close(cache.attention[layer, :, :, :15].double(), total, rtol=1e-5, atol=1e-6)
+        model(input_ids=ids[None, 15:24], past_key_values=cache)
+        assert cache.rounds == 1 and cache.occupied == 16
+        before = cache.distant_attention.clone()
+        model(input_ids=ids[None, 24:28], past_key_values=cache)
+    for layer in range(2):
+        got = (cache.distant_attention[layer] - before[layer])[..., :20].double()
+        want = manual_distant_mass(cache.queries[layer][:, :, -4:], cache.layers[layer].keys[:, :, :20],
+                                   list(range(24, 28)), cache.slot_pos[layer, :, :, :20], 3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def ref_lasting(inp: CompactionInputs, min_distance: int) -> torch.Tensor:
+    """Per slot: the distance-filtered sum divided by the number of queries at least ``min_distance`` after it
+    (counted one by one), NaN where there is none."""
+    out = torch.full(inp.distant_attention.shape, float("nan"), dtype=torch.float64)
+    L, B, Hkv, N = out.shape
+    for i in range(L):
+        for b in range(B):
+            for j in range(Hkv):
+                for n in range(N):
+                    pos = int(inp.positions[i, b, j, n])
+                    count = sum(1 for query in range(inp.next_position) if query - pos >= min_distance)
+                    if count:
+                        out[i, b, j, n] = float(inp.distant_attention[i, b, j, n]) / count
+    return out
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_lasting_variant_matches_loop_reference_and_caps_the_protected_newest(per_layer):
+    inp = synthetic(protected=3)
+    inp.positions = inp.positions.flip(-1).contiguous()  # slot order is not time order (vLLM's hole filling)
+    inp.distant_attention = inp.attention * torch.rand(inp.attention.shape, generator=torch.Generator().manual_seed(9))
+    mean = ref_lasting(inp, 5)
+    newest = mean.isnan()
+    assert (newest == (inp.positions > inp.next_position - 1 - 5)).all() and newest.sum() == 2 * 2 * 5
+    logs = torch.where(newest, torch.nanmean(mean, -1, keepdim=True), mean).log()
+    cand = torch.arange(logs.shape[-1]) >= 3
+    z = (logs - logs[..., cand].mean(-1, keepdim=True)) / logs[..., cand].std(-1, unbiased=False, keepdim=True)
+    want = TriAttention(noise=0.0, per_layer=per_layer).scores(inp).double() + 0.7 * (z if per_layer else z.mean(0))
+    got = TriAttentionLasting(weight=0.7, min_distance=5, per_layer=per_layer, noise=0.0).scores(inp).double()
+    assert got.shape[0] == (2 if per_layer else 1)
+    protected = newest[: got.shape[0]]
+    assert (torch.isinf(got) == protected).all()
+    torch.testing.assert_close(got[~protected & cand], want[~protected & cand], rtol=1e-4, atol=1e-4)
+    inp.budget = 6  # at most half the budget is protected, whatever min_distance
+    capped = TriAttentionLasting(min_distance=5).scores(inp)
+    assert (torch.isinf(capped) == (inp.positions >= inp.next_position - 3)).all()
+    assert TriAttentionLasting().per_layer and TriAttentionLasting().distant_attention == 128
+    assert TriAttentionLasting.accumulate_attention  # what the vLLM plugin refuses (no live attention there)
+    with pytest.raises(ValueError, match="min_distance"):
+        TriAttentionLasting(min_distance=0)
+
+
+def test_lasting_generates_a_left_padded_batch_like_each_prompt_alone(tmp_path):
+    """End to end: compressed greedy generation with the lasting policy (several compactions, rows on their own
+    schedules): padding is never counted, and the distance-filtered sums move with the kept slots."""
+    model = tiny_llama(layers=2)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in (5, 11)]
+    stats = tc.calibrate(model, torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(4)))
+    tc.optimize(model, budget=8, divide_length=4, compiler="eager", policy=TriAttentionLasting(min_distance=4),
+                stats=stats.save(tmp_path / "stats.safetensors"), protect_prompt=False)
+
+    def greedy(ids, mask):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+
+    alone = []
+    for p in prompts:
+        alone.append(greedy(p[None], torch.ones(1, len(p), dtype=torch.long))[0, len(p):])
+        cache = tc.current_cache(model)
+        assert cache.compactions() >= 3
+        seen = cache.tokens_seen()
+        pos, far = cache.slot_pos[..., :8], cache.distant_attention[..., :8]
+        # moved with its slot: nothing yet from a distant query for the newest, something for every older one
+        assert ((far == 0) == (pos > seen - 1 - 4)).all()
+        assert (far <= cache.attention[..., :8] + 1e-6).all()
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0, 6:], mask[0, 6:], ids[1], mask[1] = prompts[0], 1, prompts[1], 1
+    batched = greedy(ids, mask)[:, 11:]
+    for i, tokens in enumerate(alone):
+        assert torch.equal(batched[i], tokens), i
 
 
 def test_recent_variant_keeps_window_and_sinks_and_ranks_the_rest_like_triattention():
@@ -443,3 +574,16 @@ def test_every_policy_runs_the_schedule():
             assert (pos[..., -recent:] == torch.arange(48 - recent, 48)).all(), name
         if name == "streamingllm":
             assert (pos[..., :4] == torch.arange(4)).all() and (pos[..., 4:] == torch.arange(36, 48)).all()
+
+
+def test_policy_named_in_the_config_keeps_its_own_defaults():
+    """``optimize(policy="triattention-lasting")`` leaves ``per_layer`` unset (``None``), so each policy keeps the
+    default it was chosen with (per layer for persistent and lasting, shared for TriAttention); a value given wins."""
+    from triattn_compile.config import TriAttentionConfig
+    from triattn_compile.policies import make_policy
+
+    assert TriAttentionConfig().per_layer is None
+    assert make_policy("triattention", per_layer=None).per_layer is False
+    assert make_policy("triattention-lasting", per_layer=None).per_layer is True
+    assert make_policy("triattention-persistent", per_layer=None, noise=None).per_layer is True
+    assert make_policy("triattention-lasting", per_layer=False).per_layer is False

@@ -162,7 +162,7 @@ def optimize(model: nn.Module, budget: int = BUDGET, **options) -> nn.Module:
     backend = TriAttentionBackend(
         "compress", input_names=compressor.step_input_names(), layout=layout,
         model_config=getattr(model, "config", None), budget=config.budget, capture=compressor.online,
-        compiler=config.compiler,
+        compiler=config.compiler, min_distance=compressor.policy.distant_attention,
     )
     compiled = torch.compile(isolated_step(), backend=backend, fullgraph=True)
     original, keyword = model.forward, cache_keyword(model.forward)

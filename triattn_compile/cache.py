@@ -120,6 +120,7 @@ class CompressedCache(Cache):
         self.slot_pos: torch.Tensor | None = None
         self.queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries, when a policy asks
         self.attention: torch.Tensor | None = None  # [L, B, Hkv, C] accumulated attention, when a policy asks
+        self.distant_attention: torch.Tensor | None = None  # [L, B, Hkv, C] its share from distant queries
         # host mirror, per row: occupied slots, left padding, protected prompt, compaction rounds
         self.fill, self.pads, self.prompt, self.row_rounds = ([0] * batch for _ in range(4))
         self.seen = self.peak = 0  # tokens fed (padding included); most slots a row ever held
@@ -153,8 +154,9 @@ class CompressedCache(Cache):
 
     def _forget_padding(self, row: int, pad: int, real: int) -> None:
         """What the padding queries left in the policies' observations is cleared (as if the row ran alone)."""
-        if self.attention is not None:
-            self.attention[:, row, :, self.capacity - pad:] = 0  # padding slots (each saw only itself)
+        for acc in (self.attention, self.distant_attention):
+            if acc is not None:
+                acc[:, row, :, self.capacity - pad:] = 0  # padding slots (each saw only itself)
         if self.queries is not None and real < self.queries.shape[3]:
             self.queries[:, row, :, : self.queries.shape[3] - real] = 0
 
@@ -163,7 +165,7 @@ class CompressedCache(Cache):
         self.ctrl.zero_()
         if self.slot_pos is not None:
             self.slot_pos.fill_(-1)
-        for extra in (self.queries, self.attention):
+        for extra in (self.queries, self.attention, self.distant_attention):
             if extra is not None:
                 extra.zero_()
         self.fill, self.pads, self.prompt, self.row_rounds = ([0] * self.batch for _ in range(4))
@@ -177,7 +179,7 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.ctrl = self.ctrl
             layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
-        for name in ("slot_pos", "queries", "attention"):
+        for name in ("slot_pos", "queries", "attention", "distant_attention"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.repeat(1, batch, *[1] * (value.dim() - 2)))
@@ -241,5 +243,5 @@ class CompressedCache(Cache):
         ring and attention sums some policies use)."""
         kv = sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
                  for t in (layer.keys, layer.values))
-        extra = (self.slot_pos, self.queries, self.attention)
+        extra = (self.slot_pos, self.queries, self.attention, self.distant_attention)
         return kv + sum(t.numel() * t.element_size() for t in extra if t is not None)

@@ -21,7 +21,9 @@ class TriAttentionConfig:
         divide_length: decode steps between compactions (128).
         protect_prompt: keep the whole prompt and count it in the budget (paper default). When False the prompt
             competes with generated tokens.
-        per_layer: one keep set per (layer, KV head) instead of one per KV head shared by all layers.
+        per_layer: one keep set per (layer, KV head) instead of one per KV head shared by all layers; ``None``
+            (default): the policy's own default (shared for ``"triattention"``, per layer for the variants chosen
+            that way, e.g. ``"triattention-persistent"``).
         stats: path of a calibration file (``triattn calibrate``); ``None`` calibrates online from live queries.
         max_offset: largest future offset (offsets are 1, 2, 4, ..., max_offset).
         noise: tie-break noise added to z-scores; seed: its seed.
@@ -33,7 +35,7 @@ class TriAttentionConfig:
     budget: int = BUDGET
     divide_length: int = DIVIDE_LENGTH
     protect_prompt: bool = True
-    per_layer: bool = False
+    per_layer: bool | None = None
     stats: str | Path | None = None
     max_offset: int = MAX_OFFSET
     noise: float = NOISE

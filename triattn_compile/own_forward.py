@@ -141,7 +141,7 @@ class OwnCacheForward:
             self.stand_in = torch.zeros((), dtype=dtype, device=tokens.device)
         self.compiled = torch.compile(isolated_step(), fullgraph=True, backend=TriAttentionBackend(
             "compress", input_names=names, layout=backend.layout, capture=compressor.online,
-            compiler=config.compiler, **options))
+            compiler=config.compiler, min_distance=compressor.policy.distant_attention, **options))
         self.compressor = compressor
 
     def _get(self, name: str) -> torch.Tensor:

@@ -4,7 +4,9 @@ A policy only scores the occupied slots. ``kernels/compact.py`` does the rest id
 protected prompt and the policy's recent window are always kept, the top ``budget`` per KV head (per layer, or
 shared by all layers) survive, and every layer is compacted in place. A policy that needs live queries says so
 (``query_window``: the pass records the last W post-RoPE queries per layer; ``accumulate_attention``: the pass adds
-each step's attention probabilities per slot). Adding a policy is adding a class and a line in :data:`POLICIES`.
+each step's attention probabilities per slot; ``distant_attention`` = d > 0: the pass also sums, into a second
+accumulator, the share paid by queries at least d positions after the key). Adding a policy is adding a class and
+a line in :data:`POLICIES`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class CompactionInputs:
     scale: float  # attention scaling of the rotary embedding
     queries: torch.Tensor | None = None  # [L, B, H, W, D] last W post-RoPE queries (query_window > 0)
     attention: torch.Tensor | None = None  # [L, B, Hkv, N] accumulated attention (accumulate_attention)
+    distant_attention: torch.Tensor | None = None  # [L, B, Hkv, N] its share from queries >= d after the key
     q_pass: torch.Tensor | list | None = None  # [L, H, P]: mean of the pass-through query dims (MLA: folded [H, R])
     values: list[torch.Tensor] | torch.Tensor | None = None  # per layer: occupied values [B, Hkv, N, Dv] (or stacked)
     budget: int = 0  # slots kept per KV head after this compaction
@@ -108,6 +111,7 @@ class Policy:
     name = "policy"
     query_window = 0  # post-RoPE queries to record per layer
     accumulate_attention = False  # per-slot attention mass summed over decode steps
+    distant_attention = 0  # d > 0: also the mass from queries at least d positions after the slot (needs the above)
     recent_window = 0  # most recent slots always kept
     reads_values = False  # looks at the cached values (vLLM's worker gathers them only then)
 
@@ -386,6 +390,52 @@ class TriAttentionPersistent(TriAttention):
         return protect_recent(scored, inputs, window, sinks=0)
 
 
+def lasting_attention(inputs: CompactionInputs, min_distance: int) -> torch.Tensor:
+    """``[L, B, Hkv, N]``: the attention each cached key has received over its whole stay in the cache from the
+    queries at least ``min_distance`` positions after it (``inputs.distant_attention``, summed over each GQA group),
+    divided by their number ``next_position - position - min_distance``; NaN for a key no such query has seen."""
+    count = inputs.next_position - inputs.positions - min_distance  # [L, B, Hkv, N]
+    mean = inputs.distant_attention / count.clamp_min(1)
+    return mean.masked_fill(count <= 0, torch.nan)
+
+
+@dataclass
+class TriAttentionLasting(TriAttention):
+    """(h) The lifetime version of (g): TriAttention's predicted score plus ``weight`` times the z-scored log of
+    :func:`lasting_attention`, the mean attention a token has received from every query at least ``min_distance``
+    positions after it since it entered the cache (a distance-filtered H2O, accumulated in the compiled step), per
+    layer and KV head, one keep set per layer (``per_layer``; the defaults, weight 100 and distance 128, are the
+    settings chosen on the development documents: the lasting attention ranks, TriAttention breaks near-ties). The
+    newest ``min_distance`` tokens, which no such query has seen, get a neutral value and are kept, at most half the
+    budget of them. Needs the attention sums (``accumulate_attention``), so, like (d), it does not run in the vLLM
+    plugin."""
+
+    weight: float = 100.0
+    min_distance: int = 128
+    per_layer: bool = True
+    accumulate_attention = True
+    name: str = "triattention-lasting"
+
+    def __post_init__(self):
+        if self.min_distance < 1:
+            raise ValueError(f"{self.name}: min_distance must be >= 1, got {self.min_distance}")
+
+    @property
+    def distant_attention(self) -> int:
+        return self.min_distance
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        if inputs.distant_attention is None:
+            raise ValueError(f"{self.name} needs the distance-filtered attention sums (the step records them only "
+                             "when the compressor's policy sets distant_attention)")
+        far = lasting_attention(inputs, self.min_distance)
+        unseen = far.isnan()
+        far = torch.where(unseen, far.nanmean(-1, keepdim=True).nan_to_num(1.0), far)  # neutral in the z-score
+        bonus = layer_zscore(far.clamp_min(1e-12).log(), inputs, self.per_layer)
+        scored = super().scores(inputs) + self.weight * bonus
+        return protect_recent(scored, inputs, min(self.min_distance, inputs.budget // 2), sinks=0)
+
+
 @dataclass
 class StreamingLLM(Policy):
     """Attention sinks + recent tokens (Xiao et al., 2023, arXiv 2309.17453; R-KV repo ``streamingllm.py``).
@@ -521,16 +571,18 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
                 TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, TriAttentionDistinct,
-                TriAttentionLive, TriAttentionPersistent, StreamingLLM, SnapKV, RKV, H2O, RandomPolicy)
+                TriAttentionLive, TriAttentionPersistent, TriAttentionLasting, StreamingLLM, SnapKV, RKV, H2O,
+                RandomPolicy)
 }
 
 
 def make_policy(policy: str | Policy, **triattention_options) -> Policy:
-    """A policy object from a name in :data:`POLICIES` (TriAttention and its ablations take ``triattention_options``;
-    the others their defaults) or as given."""
+    """A policy object from a name in :data:`POLICIES` (TriAttention and its ablations take ``triattention_options``,
+    those given as ``None`` left at the class's default; the others their defaults) or as given."""
     if isinstance(policy, Policy):
         return policy
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or pass a Policy object")
     cls = POLICIES[policy]
-    return cls(**triattention_options) if issubclass(cls, TriAttention) else cls()
+    given = {name: value for name, value in triattention_options.items() if value is not None}  # None: the default
+    return cls(**given) if issubclass(cls, TriAttention) else cls()

@@ -44,7 +44,8 @@ class Compressor:
         c = config
         self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
                                           seed=c.seed)
-        if layout.latent_maps and (self.policy.query_window or self.policy.accumulate_attention):
+        if layout.latent_maps and (self.policy.query_window or self.policy.accumulate_attention
+                                   or self.policy.distant_attention):
             raise PassError(f"policy {self.policy.name!r} needs per-head keys, which a latent (MLA) cache does not "
                             "hold; use policy='triattention' or 'streamingllm' with this model")
         self.online = c.stats is None
@@ -68,15 +69,18 @@ class Compressor:
         names = ["ctrl", "slot_pos", *TENSOR_NAMES]
         if self.policy.query_window:
             names.append("queries")
-        if self.policy.accumulate_attention:
+        if self.policy.accumulate_attention or self.policy.distant_attention:
             names.append("attention")
+        if self.policy.distant_attention:
+            names.append("distant_attention")
         return names
 
     def step_inputs(self, cache: CompressedCache) -> list[torch.Tensor]:
         """The tensors the compiled step reads beyond the model's inputs: ``cache``'s counters, slot positions and
         the policy's observations, and the statistics."""
         named = {"ctrl": cache.ctrl, "slot_pos": cache.slot_pos, "queries": cache.queries,
-                 "attention": cache.attention, **dict(zip(TENSOR_NAMES, self.stats.tensors()))}
+                 "attention": cache.attention, "distant_attention": cache.distant_attention,
+                 **dict(zip(TENSOR_NAMES, self.stats.tensors()))}
         return [named[name] for name in self.step_input_names()]
 
     # -- cache ------------------------------------------------------------------------------------------------------
@@ -93,8 +97,10 @@ class Compressor:
         if window:
             cache.queries = torch.zeros(layout.num_layers, batch, layout.num_heads, window, layout.head_dim,
                                         device=device, dtype=dtype)
-        if self.policy.accumulate_attention:
+        if self.policy.accumulate_attention or self.policy.distant_attention:
             cache.attention = torch.zeros(layout.num_layers, batch, layout.num_kv_heads, self.capacity, device=device)
+        if self.policy.distant_attention:
+            cache.distant_attention = torch.zeros_like(cache.attention)
         return cache
 
     def after_step(self, cache: CompressedCache, tokens: int) -> None:
@@ -137,7 +143,7 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
     rows = as_rows(rows)
     first = rows.start
     used = cache.fill[first]
-    layers = [i for i in range(len(cache.layers)) if i not in layout.windowed_layers]
+    layers = layout.scored_layers
     pick = (lambda t: t) if len(layers) == len(cache.layers) else (lambda t: t[layers])
     q_pass = pick(stats.q_pass_mean())
     if layout.latent_maps:
@@ -159,6 +165,8 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
         scale=float(layout.attention_scaling),
         queries=queries.roll(-start, -1) if queries is not None and start else queries,
         attention=None if cache.attention is None else pick(cache.attention)[:, rows, :, :used],
+        distant_attention=(None if cache.distant_attention is None
+                           else pick(cache.distant_attention)[:, rows, :, :used]),
         values=[cache.layers[i].values[rows, :, :used] for i in layers],
         budget=cache.budget,
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from triattn_compile.evaluation import agreement, documents, nll, report, retrieval
-from triattn_compile.policies import POLICIES, CompactionInputs, Policy, TriAttention
+from triattn_compile.policies import POLICIES, CompactionInputs, Policy, TriAttention, TriAttentionLasting
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +29,40 @@ ABLATIONS = ("triattention-no-trig", "triattention-no-norm", "triattention-no-ml
 
 class PolicySwitch(Policy):
     """Delegates scoring to ``inner``; records what any policy may need (the last 128 queries, accumulated
-    attention), so one compiled graph per budget serves every policy."""
+    attention, and its share from queries at least ``distant_attention`` positions after each key), so one compiled
+    graph per budget serves every policy. The distance is fixed in the graph: an ``inner`` policy that reads a
+    distance-filtered sum must use the same (``triattn eval`` takes it from the requested policies, which must agree).
+    """
 
     name = "switch"
     query_window = 128
     accumulate_attention = True
 
-    def __init__(self, inner: Policy | None = None):
+    def __init__(self, inner: Policy | None = None, distant_attention: int = TriAttentionLasting.min_distance):
         self.inner = inner
+        self.distant_attention = distant_attention
 
     @property
     def recent_window(self) -> int:
         return self.inner.recent_window
 
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        wanted = self.inner.distant_attention
+        if wanted and wanted != self.distant_attention:
+            recorded = f">= {self.distant_attention}" if self.distant_attention else "no distance"
+            raise ValueError(f"{self.inner.name} reads attention from queries >= {wanted} positions away; this graph "
+                             f"records it from {recorded}")
         return self.inner.scores(inputs)
+
+
+def distant_attention_distance(specs: tuple[str, ...] | list[str]) -> int:
+    """The one ``distant_attention`` distance the policies ``specs`` read (0, nothing recorded, when none reads
+    one); an error when they differ (run them as separate evaluations)."""
+    wanted = {policy_from_spec(spec).distant_attention for spec in specs} - {0}
+    if len(wanted) > 1:
+        raise ValueError(f"these policies read attention sums from different minimum distances {sorted(wanted)}; "
+                         "one compiled graph records one: run them as separate evaluations")
+    return wanted.pop() if wanted else 0
 
 
 @dataclass
@@ -82,6 +101,7 @@ class EvalConfig:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
         for spec in self.policies:
             policy_from_spec(spec)  # options checked before a long run
+        distant_attention_distance(self.policies)
         if min(self.budgets) < 8:
             raise ValueError("budgets must be >= 8 (SnapKV and R-KV keep an 8-token window)")
         first = self.first_scored()
@@ -387,7 +407,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             specs = [spec for spec in all_specs if (budget, spec) in todo]
             if not specs:
                 continue
-            switch = PolicySwitch()
+            switch = PolicySwitch(distant_attention=distant_attention_distance(specs))
             tc.optimize(model, budget=budget, divide_length=div, protect_prompt=False, compiler=cfg.compiler,
                         policy=switch, stats=stats)
             try:

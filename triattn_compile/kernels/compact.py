@@ -57,11 +57,13 @@ def compact(cache: CompressedCache, keep: torch.Tensor | None, rows: int | slice
         gather_slots(layer.keys[rows], layer_idx)
         gather_slots(layer.values[rows], layer_idx)
         gather_slots(cache.slot_pos[i, rows], layer_idx)
-        if cache.attention is not None:
-            gather_slots(cache.attention[i, rows], layer_idx)
+        for acc in (cache.attention, cache.distant_attention):
+            if acc is not None:
+                gather_slots(acc[i, rows], layer_idx)
     cache.slot_pos[:, rows, :, budget:] = -1
-    if cache.attention is not None:
-        cache.attention[:, rows, :, budget:] = 0
+    for acc in (cache.attention, cache.distant_attention):
+        if acc is not None:
+            acc[:, rows, :, budget:] = 0
     cache.ctrl[OCCUPIED, rows] = budget  # a device write: no sync
     for row in range(*rows.indices(cache.batch)):
         cache.fill[row] = budget

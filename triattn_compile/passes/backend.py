@@ -65,18 +65,21 @@ class TriAttentionBackend:
         own_cache: the model writes its own KV buffers by position (``passes/own_cache.py``): discovery records
             them (``self.own_cache``), compression retargets their writes to the compressed slots.
         stop_after_discovery: the discovered graph raises :class:`Discovered` instead of running.
+        min_distance: with a ``distant_attention`` step input, the attention sum into it counts only keys at least
+            this many positions before the query (the policy's ``distant_attention``).
     """
 
     def __init__(self, mode: str, *, input_names: Sequence[str] = (), layout: Layout | None = None,
                  model_config: object = None, budget: int | None = 0, fallback_omega: torch.Tensor | None = None,
                  capture: bool = False, compiler: str = "inductor", own_cache: bool = False,
-                 stop_after_discovery: bool = False):
+                 stop_after_discovery: bool = False, min_distance: int = 0):
         assert mode in MODES
         self.mode, self.input_names, self.layout = mode, list(input_names), layout
         self.model_config, self.budget, self.fallback_omega = model_config, budget, fallback_omega
         self.capture, self.compiler = capture, compiler
         self.own, self.stop_after_discovery = own_cache, stop_after_discovery
         self.own_cache: OwnCache | None = None
+        self.min_distance = min_distance
 
     def _record(self, gm: GraphModule, sites, example_inputs) -> Layout:
         """The graph's layout: recorded if it is the first, else checked against the first."""
@@ -123,7 +126,8 @@ class TriAttentionBackend:
             if "queries" in extra:
                 insert_query_record(gm.graph, sites, extra["queries"])
             if "attention" in extra:
-                insert_attention_accumulate(gm.graph, sites, extra["attention"], masks)
+                insert_attention_accumulate(gm.graph, sites, extra["attention"], masks, extra.get("distant_attention"),
+                                            ctrl, extra["slot_pos"], self.min_distance)
             insert_advance(gm.graph, sites, ctrl)
             counters["triattn"]["compress"] += 1
         gm.graph.lint()

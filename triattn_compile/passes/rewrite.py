@@ -57,6 +57,16 @@ def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tens
     return visible | own
 
 
+def distant_slots(visible: torch.Tensor, ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor,
+                  layer: int, min_distance: int) -> torch.Tensor:
+    """``[B, Hkv, T, C]`` bool: the slots of ``visible`` (:func:`occupied_slots`) at least ``min_distance`` (>= 1)
+    positions before each query of the step (traced into the graph): what a distance-filtered attention sum counts
+    (``triattn::accumulate_attention``'s ``counted``). A query's own slot and padding are never counted."""
+    slot_pos = slot_pos[layer]  # [B, Hkv, C]
+    query_pos = query_positions(ctrl, slots.shape[-1])  # [B, T]
+    return visible & (slot_pos[:, :, None, :] <= query_pos[:, None, :, None] - min_distance)
+
+
 def expand_heads(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, Hkv, T, C]`` -> ``[B, H, T, C]``, query head ``h`` reading KV head ``h // (H / Hkv)`` (as repeat_kv)."""
     b, hkv, t, c = mask.shape
@@ -224,13 +234,24 @@ def insert_query_record(graph: Graph, sites: list[AttentionSite], ring: Node) ->
             graph.call_function(RECORD_QUERIES, (_query_operand(site), ring, site.layer))
 
 
-def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: Node, masks: list[Node]) -> None:
+def insert_attention_accumulate(graph: Graph, sites: list[AttentionSite], acc: Node, masks: list[Node],
+                                distant: Node | None = None, ctrl: Node | None = None, slot_pos: Node | None = None,
+                                min_distance: int = 0) -> None:
     """Add each step's attention probabilities per slot (summed over the step's queries and each GQA group) over the
-    slots each query sees (``masks``: the ``[B, Hkv, T, C]`` nodes of :func:`mask_to_occupied_slots`)."""
+    slots each query sees (``masks``: the ``[B, Hkv, T, C]`` nodes of :func:`mask_to_occupied_slots`); with
+    ``distant``, also the share paid to keys at least ``min_distance`` positions before the query
+    (:func:`distant_slots`) into ``distant``."""
+    if distant is not None and min_distance < 1:
+        raise ValueError(f"a distance-filtered attention sum needs min_distance >= 1, got {min_distance}")
     for site, visible in zip(sites, masks):
         scale = site.attn.kwargs.get("scale")
         with graph.inserting_before(site.attn):
             keys = site.key_buffer  # [B, Hkv, C, D]; a cache laid out [B, C, Hkv, D] is read transposed
             if site.cache_axis == 1:
                 keys = graph.call_method("transpose", (keys, 1, 2))
-            graph.call_function(ACCUMULATE_ATTENTION, (_query_operand(site), keys, acc, visible, site.layer, scale))
+            args = (_query_operand(site), keys, acc, visible, site.layer, scale)
+            if distant is not None:
+                counted = graph.call_function(distant_slots, (visible, ctrl, slot_pos, site.write_slots, site.layer,
+                                                              min_distance))
+                args = (*args, distant, counted)
+            graph.call_function(ACCUMULATE_ATTENTION, args)

@@ -152,7 +152,7 @@ class PagedCompressor:
     def __init__(self, schedule: PagedSchedule, source: Callable[[], tuple],
                  policy: Policy | None = None, protect_prompt: bool = True):
         policy = TriAttention() if policy is None else policy
-        if policy.query_window or policy.accumulate_attention:
+        if policy.query_window or policy.accumulate_attention or policy.distant_attention:
             raise ValueError(f"policy {policy.name!r} needs live queries or attention, which vLLM's graph does not "
                              "hand out; use a TriAttention score")
         self.schedule, self.policy, self.protect_prompt, self.source = schedule, policy, protect_prompt, source
