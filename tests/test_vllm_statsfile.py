@@ -41,8 +41,9 @@ def test_a_bfloat16_table_reads_omega_to_its_resolution_and_the_file_still_loads
                        "bfloat16")
     error = ((found.layout.omega - layout.omega).abs() / layout.omega).max()
     assert OMEGA_RTOL < error < found.omega_rtol  # measured 1.1e-3 on SmolLM2-135M's table in vLLM
-    with pytest.raises(StatsError, match="RoPE frequencies differ"):
+    with pytest.raises(StatsError, match="RoPE frequencies differ") as info:
         load_for_layout(path, found.layout, OMEGA_RTOL)  # what a float32 tolerance did: the same model refused
+    assert "relative, at layer " in str(info.value) and "\n" not in str(info.value)  # which band, for diagnosis
     assert load_for_layout(path, found.layout, found.omega_rtol).tokens() == 64
     float32 = VllmLayout(dataclasses.replace(layout, omega=omega_from_table(layout.omega, torch.float32)), ("a", "b"))
     assert float32.omega_rtol == OMEGA_RTOL and load_for_layout(path, float32.layout, float32.omega_rtol).tokens()

@@ -71,11 +71,16 @@ def load_for_layout(path: str | Path, layout: Layout, omega_rtol: float = OMEGA_
                          "`triattn calibrate`")
     mine = layout.omega.double()
     if tuple(omega.shape) != tuple(mine.shape) or not torch.allclose(omega.double(), mine, rtol=omega_rtol, atol=0):
-        worst = ((omega.double() - mine).abs() / mine.abs().clamp_min(1e-30)).max() if omega.shape == mine.shape \
-            else float("nan")
-        raise StatsError(f"stats file {path} was made for another model (RoPE frequencies differ from vLLM's graph by "
-                         f"up to {float(worst):.3g} relative, shape {tuple(omega.shape)} vs {tuple(mine.shape)}); "
-                         "calibrate this model with `triattn calibrate`")
+        where = ""
+        if omega.shape == mine.shape:
+            error = (omega.double() - mine).abs() / mine.abs().clamp_min(1e-30)
+            worst = int(error.argmax())
+            layer, band = divmod(worst, mine.shape[-1]) if mine.dim() > 1 else (0, worst)
+            where = (f" by up to {float(error.flatten()[worst]):.3g} relative, at layer {layer} band {band}: file "
+                     f"{float(omega.flatten()[worst]):.9g}, graph {float(mine.flatten()[worst]):.9g};")
+        raise StatsError(f"stats file {path} was made for another model (RoPE frequencies differ from vLLM's "
+                         f"graph{where} shape {tuple(omega.shape)} vs {tuple(mine.shape)}); calibrate this model with "
+                         "`triattn calibrate`")
     scaling = float(meta.get("attention_scaling", "nan"))
     if not abs(scaling - expected.attention_scaling) <= SCALING_ATOL:
         raise StatsError(f"stats file {path} was made for another model (attention_scaling: file has {scaling}, "
