@@ -281,12 +281,12 @@ def _unrotated_slice(node: Node) -> RotaryMatch | None:
         if siblings and not (_is(parent, "split", torch.split) and all(_is(u, operator.getitem) for u in siblings)):
             return None  # another reader of the query on its way (an in-place rotary op)
     if _is(source, *_LINEAR):
-        return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)")
+        return _nope(node)
     writers = [u for u in source.users if u is not path[-2]] if len(path) > 1 else []
     filled = (_is(source, *_EMPTY) and len(writers) == 1 and writers[0].op == "call_function"
               and writers[0].args[:1] == (source,)
               and any(isinstance(a, Node) and a is not source for a in writers[0].args[1:]))
-    return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)") if filled else None
+    return _nope(node) if filled else None
 
 
 _EMPTY = ("new_empty", "new_zeros", torch.empty, torch.zeros, torch.empty_like, torch.zeros_like)
@@ -349,10 +349,15 @@ def _arg(node: Node, index: int, name: str):
 _LINEAR = (torch._C._nn.linear, F.linear)
 
 
+def _nope(node: Node) -> RotaryMatch:
+    """``node`` as the operand of a layer without RoPE (pre = post, no rotary dims)."""
+    return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)")
+
+
 def _unrotated(node: Node) -> RotaryMatch | None:
     """A NoPE layer: the query (or key) is a plain linear projection, reshaped into heads, with no rotary at all."""
     if _is(node, "view", "reshape", torch.reshape) and _is(node.args[0], *_LINEAR):
-        return RotaryMatch(node, node, None, None, "none", 0, "none (NoPE)")
+        return _nope(node)
     return None
 
 
