@@ -28,6 +28,7 @@ from triattn_compile.policies import (
     TriAttentionObserved,
     TriAttentionPersistent,
     TriAttentionRecent,
+    TriAttentionReserve,
     TriAttentionValueNorm,
     make_policy,
 )
@@ -97,7 +98,7 @@ def test_registry_names_and_options():
     assert set(POLICIES) == {"triattention", "triattention-no-trig", "triattention-no-norm", "triattention-no-mlr",
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "triattention-observed", "triattention-distinct", "triattention-live",
-                             "triattention-persistent", "triattention-lasting",
+                             "triattention-persistent", "triattention-lasting", "triattention-reserve",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -364,6 +365,28 @@ def test_lasting_variant_matches_loop_reference_and_caps_the_protected_newest(pe
     assert TriAttentionLasting.accumulate_attention  # what the vLLM plugin refuses (no live attention there)
     with pytest.raises(ValueError, match="min_distance"):
         TriAttentionLasting(min_distance=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
+def test_reserve_variant_gives_a_share_of_the_budget_to_rkv_and_the_rest_to_lasting(share):
+    inp = synthetic(N=32, D=4, protected=2, budget=16)
+    inp.distant_attention = inp.attention * torch.rand(inp.attention.shape, generator=torch.Generator().manual_seed(9))
+    lasting = TriAttentionLasting(min_distance=5, noise=0.0).scores(inp)
+    got = TriAttentionReserve(share=share, min_distance=5, noise=0.0).scores(inp)
+    assert got.shape == lasting.shape == (2, 1, 2, 32)
+    reserve = int(share * 16)
+    for layer in range(2):
+        rkv = 0.1 * ref_window_attention(inp, layer) - 0.9 * ref_redundancy(inp.keys[layer])[..., :-8]  # [1, 2, 24]
+        for head in range(2):
+            free = [n for n in range(2, 24) if not torch.isinf(lasting[layer, 0, head, n])]
+            picked = sorted(free, key=lambda n: -float(rkv[0, head, n]))[:reserve]
+            want = lasting[layer, 0, head].clone()
+            want[picked] = torch.inf
+            assert torch.equal(got[layer, 0, head], want), (layer, head)
+    assert int(torch.isinf(got).sum()) == int(torch.isinf(lasting).sum()) + 2 * 2 * reserve
+    assert TriAttentionReserve().distant_attention == 128 and TriAttentionReserve().query_window == 8
+    with pytest.raises(ValueError, match="share"):
+        TriAttentionReserve(share=0.75)
 
 
 def test_lasting_generates_a_left_padded_batch_like_each_prompt_alone(tmp_path):

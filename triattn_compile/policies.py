@@ -437,6 +437,40 @@ class TriAttentionLasting(TriAttention):
 
 
 @dataclass
+class TriAttentionReserve(TriAttentionLasting):
+    """(i) (h) with a reserve for what no distant query has asked for yet: ``share`` of the budget, per layer and KV
+    head, goes to the competing slots R-KV ranks highest (:class:`RKV`: the last 8 queries' attention, max-pooled,
+    minus key redundancy), the rest to (h)'s ranking. A fact that only a later question reads (a name, a number)
+    receives little attention from the text after it, so (h) alone evicts it; its key is unlike the text around it.
+    The default, half the budget, is the setting that recalled the most facts on the development documents; with
+    (h)'s protected newest (at most the other half) it leaves (h)'s ranking nothing at B <= 2 * min_distance."""
+
+    share: float = 0.5
+    query_window: int = 8
+    name: str = "triattention-reserve"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.share <= 0.5:
+            raise ValueError(f"{self.name}: share must be in [0, 0.5] (the newest tokens may hold the other half), "
+                             f"got {self.share}")
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        scored = super().scores(inputs)  # [L, B, Hkv, N]: (h), the newest protected (+inf)
+        reserve = int(self.share * inputs.budget)
+        if reserve == 0:
+            return scored
+        rkv = RKV(query_window=self.query_window)
+        ranked = torch.stack([F.pad(rkv.layer_scores(inputs, i), (0, rkv.query_window), value=-torch.inf)
+                              for i in range(len(inputs.keys))])  # [L, B, Hkv, N]
+        if scored.shape[0] == 1:  # one keep set shared by the layers
+            ranked = ranked.mean(0, keepdim=True)
+        ranked = ranked.masked_fill(~inputs.candidates() | torch.isinf(scored), -torch.inf)
+        picked = ranked.topk(min(reserve, ranked.shape[-1]), dim=-1).indices
+        return scored.scatter(-1, picked, torch.inf)
+
+
+@dataclass
 class StreamingLLM(Policy):
     """Attention sinks + recent tokens (Xiao et al., 2023, arXiv 2309.17453; R-KV repo ``streamingllm.py``).
 
@@ -571,8 +605,8 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
                 TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, TriAttentionDistinct,
-                TriAttentionLive, TriAttentionPersistent, TriAttentionLasting, StreamingLLM, SnapKV, RKV, H2O,
-                RandomPolicy)
+                TriAttentionLive, TriAttentionPersistent, TriAttentionLasting, TriAttentionReserve, StreamingLLM,
+                SnapKV, RKV, H2O, RandomPolicy)
 }
 
 
