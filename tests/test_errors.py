@@ -30,11 +30,22 @@ def test_budget_below_compaction_period(llama):
 
 def test_prompt_too_long_for_prompt_protection(llama):
     tc.optimize(llama, budget=160, compiler="eager")
-    ids = torch.randint(0, 128, (1, 40))
+    ids = torch.randint(0, 128, (1, 170))
     with pytest.raises(ValueError) as exc:
         llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
     msg = _one_line(exc)
-    assert "budget >= 168" in msg and "protect_prompt=False" in msg
+    assert "budget >= 170" in msg and "protect_prompt=False" in msg
+
+
+def test_protected_prompt_may_fill_most_of_the_budget(llama):
+    """As in the paper's runs (and the vLLM plugin): a protected prompt needs only prompt <= budget; decode tokens
+    compete for what is left (here 10 slots per KV head after each compaction)."""
+    tc.optimize(llama, budget=160, compiler="eager")
+    ids = torch.randint(0, 128, (1, 150))
+    out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, do_sample=False)
+    cache = tc.current_cache(llama)
+    assert out.shape[1] == 450 and cache.compactions() >= 2 and cache.peak_occupancy() == 288
+    assert bool((cache.slot_pos[..., :150] == torch.arange(150)).all())  # the prompt is kept whole
 
 
 def test_prompt_competes_when_not_protected(llama):

@@ -274,8 +274,8 @@ def cases(draw, dtypes=DTYPES, families=None) -> Case:
     family = FAMILIES[name]
     divide = draw(st.sampled_from([8, 16]))
     protect = draw(st.booleans())
-    budget = draw(st.integers(divide + protect, 40))  # a protected prompt needs budget >= prompt + divide
-    prompt = draw(st.integers(1, budget - divide if protect else budget + divide))
+    budget = draw(st.integers(divide, 40))
+    prompt = draw(st.integers(1, budget if protect else budget + divide))  # a protected prompt is kept whole
     capacity = budget + divide
     # up to two compactions, and some steps after the last one
     new_tokens = draw(st.integers(max(1, capacity - prompt), capacity + divide + 5 - prompt))

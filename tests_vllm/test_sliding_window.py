@@ -3,7 +3,7 @@ one; logit soft-capping) and Cohere-2 (the same, with interleaved RoPE in the wi
 one: a NoPE layer, found in vLLM's graph as a slice of the fused projection). vLLM's hybrid KV cache manager gives
 each kind of layer its own KV cache group, and its sliding-window manager already frees what leaves the window;
 TriAttention compacts the full-attention group only. One engine per family (Inductor), B = 128 with the prompt scored
-like any token (``protect_prompt`` false, as the HF path must at this budget), 3 requests x 400 tokens in a pool of
+like any token (``protect_prompt`` false), 3 requests x 400 tokens in a pool of
 their peaks in both groups; then one eager engine with the hybrid manager off, which is refused. The HF path is the
 reference (keys, keep sets, tokens and log-probabilities), run with the window vLLM's model code attends with."""
 

@@ -196,12 +196,8 @@ def _compressed_forward(compressor: Compressor, compiled, model: nn.Module, orig
     if fresh:
         cache.set_padding(_left_padding(mask, batch, length))
     longest = length - min(cache.pads) if fresh else length
-    if fresh and config.protect_prompt and longest + config.divide_length > config.budget:
-        raise ValueError(
-            f"prompt of {longest} tokens does not fit budget {config.budget} with prompt protection "
-            f"(needs budget >= prompt + {config.divide_length}); use budget >= "
-            f"{longest + config.divide_length} or protect_prompt=False"
-        )
+    if fresh:
+        config.check_prompt(longest)
     if length > compressor.capacity - cache.occupancy()[0]:
         raise ValueError(
             f"{length} new tokens do not fit the compressed cache ({cache.occupancy()[0]}/{compressor.capacity} "

@@ -57,3 +57,18 @@ class TriAttentionConfig:
             raise ValueError(f"compiler must be 'inductor' or 'eager', got {self.compiler!r}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+
+    def check_prompt(self, length: int) -> None:
+        """Refuse, in one line, a protected prompt longer than the budget (the HF path and the vLLM plugin take the
+        same prompts: :func:`prompt_limit`; an unprotected one is bounded by the cache's capacity)."""
+        if self.protect_prompt and length > self.budget:
+            raise ValueError(f"prompt of {length} tokens does not fit budget {self.budget} with prompt protection (the "
+                             f"prompt is always kept; decode tokens compete for the rest of the budget): use budget >= "
+                             f"{length} or protect_prompt=False")
+
+
+def prompt_limit(budget: int, divide_length: int, protect_prompt: bool) -> int:
+    """The longest prompt a sequence may have: a protected prompt is kept whole, so it must fit in the ``budget``
+    kept tokens (decode tokens compete for ``budget - prompt``, as in the paper's runs); an unprotected one is scored
+    like any token, and the cache holds at most ``budget + divide_length`` tokens before its first compaction."""
+    return budget if protect_prompt else budget + divide_length

@@ -84,12 +84,8 @@ class OwnCacheForward:
             if self.first_position(args, kwargs) == 0 and cache.tokens_seen():
                 cache.reset()  # the model starts a new sequence
         length = _tokens(args, kwargs).shape[1]
-        if cache.tokens_seen() == 0 and config.protect_prompt and length + config.divide_length > config.budget:
-            raise ValueError(
-                f"prompt of {length} tokens does not fit budget {config.budget} with prompt protection (needs "
-                f"budget >= prompt + {config.divide_length}); use budget >= {length + config.divide_length} or "
-                "protect_prompt=False"
-            )
+        if cache.tokens_seen() == 0:
+            config.check_prompt(length)
         if length > compressor.capacity - cache.occupied:
             raise ValueError(f"{length} new tokens do not fit the compressed cache ({cache.occupied}/"
                              f"{compressor.capacity} slots used); feed at most divide_length tokens per call")

@@ -3,7 +3,7 @@ by the scheduler (which frees blocks) and the worker (which compacts and points 
 
 A request keeps vLLM's absolute view: ``num_computed_tokens``, RoPE positions and the slot of each new token
 (``block_table[p // bs]``) are unchanged. What changes is which logical blocks hold live tokens. With the prompt
-protected (``prompt + divide_length <= budget``) the HF path compacts exactly when the cache holds
+protected (``prompt <= budget``) the HF path compacts exactly when the cache holds
 ``budget + divide_length·k`` tokens (k = 1, 2, ...), whatever the prompt length, so here a compaction happens at the
 start of the step that writes absolute position ``c = budget + divide_length·k``: the kept ``budget`` tokens are
 gathered into logical blocks ``[0, budget / bs)``, blocks ``[budget / bs, c / bs)`` are dropped (the scheduler frees

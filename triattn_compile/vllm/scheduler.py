@@ -12,7 +12,7 @@ before being read. Since a request never holds more than
 :attr:`~triattn_compile.vllm.paged.PagedSchedule.peak_blocks` in a compacted group (and :meth:`window_peak` in a
 sliding-window one), admission is capped at the number of requests whose peaks fit in the pool together: a running
 request is never preempted (its recompute would be a prefill longer than the budget). Finished and aborted requests
-free the rest through vLLM's own path. A prompt longer than the settings allow (``settings.prompt_limit``) is refused
+free the rest through vLLM's own path. A prompt longer than the settings allow (``config.prompt_limit``) is refused
 before it reaches the engine, by the front end's prompt check (``plugin.py``); ``add_request`` refuses it again for
 clients that bypass that front end.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from triattn_compile.config import BUDGET, DIVIDE_LENGTH, TriAttentionConfig
+from triattn_compile.config import BUDGET, DIVIDE_LENGTH, TriAttentionConfig, prompt_limit
 
 SETTINGS_KEY = "triattn"  # the key of VllmConfig.additional_config (--additional-config JSON)
 
@@ -79,13 +79,6 @@ def parse_settings(additional_config: object) -> VllmSettings | None:
 
 ALL_WINDOWED = ("TriAttention in vLLM: every attention layer of this model is a sliding-window layer, whose cache "
                 "vLLM already bounds to its window; serve it without the triattn setting")
-
-
-def prompt_limit(budget: int, divide_length: int, protect_prompt: bool) -> int:
-    """The longest prompt a request may have, as on the HF path: a protected prompt is kept whole, so it must fit in
-    the ``budget`` kept tokens; an unprotected one is scored like any token, and the cache holds at most
-    ``budget + divide_length`` tokens before its first compaction."""
-    return budget if protect_prompt else budget + divide_length
 
 
 def prompt_too_long(length: int, settings: VllmSettings, block_size: int) -> str | None:
