@@ -632,6 +632,8 @@ _ONE = dict(prompt=1, new_tokens=33)  # a one-token prompt: prefill and decode s
 FORM_EXAMPLES: list[tuple[str, str, Case]] = [
     ("rotate_half", "GQA 3:1, a protected 5-token prompt", dataclasses.replace(
         SMALL, family="mistral", layers=1, kv_heads=1, group=3, head_dim=32, rope="linear")),
+    ("rotate_half", "a protected 14-token prompt in a 16-token budget: decode tokens compete for 2 slots",
+     dataclasses.replace(SMALL, prompt=14)),
     ("rotate_every_two", "", dataclasses.replace(SMALL, family="helium", layers=1, rope_theta=500000.0, **_ONE)),
     ("partial", "rotate-every-two inside, leading dims, YaRN", dataclasses.replace(
         SMALL, family="glm", layers=1, rotary=0.5, rope="yarn", **_ONE)),
