@@ -61,7 +61,7 @@ class TriAttentionConfig:
     def check_prompt(self, length: int) -> None:
         """Refuse, in one line, a protected prompt longer than the budget (the HF path and the vLLM plugin take the
         same prompts: :func:`prompt_limit`; an unprotected one is bounded by the cache's capacity)."""
-        if self.protect_prompt and length > self.budget:
+        if self.protect_prompt and length > prompt_limit(self.budget, self.divide_length, True):
             raise ValueError(f"prompt of {length} tokens does not fit budget {self.budget} with prompt protection (the "
                              f"prompt is always kept; decode tokens compete for the rest of the budget): use budget >= "
                              f"{length} or protect_prompt=False")
