@@ -116,12 +116,20 @@ class OracleLayer:
 
 
 def oracle_keep_set(
-    layers: list[OracleLayer], positions: torch.Tensor, round_start: int, num_protected: int, budget: int
+    layers: list[OracleLayer],
+    positions: torch.Tensor,
+    round_start: int,
+    num_protected: int,
+    budget: int,
+    prefer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kept slot indices [B, budget] (sorted) of one KV group, shared by ``layers`` (1.6, 1.7, 1.9).
 
     positions: [N] absolute position of each slot; the first num_protected slots are the prompt: always kept,
     never scored; the rest compete for budget - num_protected.
+    prefer: [B, budget] sorted slot indices (another implementation's choice), returned instead of ``topk``'s when
+    it is an equally valid top set: it differs only among candidates whose aggregated scores are exactly equal
+    (identical keys of a NoPE layer tie at any position, and which of them ``topk`` keeps is arbitrary).
     """
     B, _, N, _ = layers[0].keys.shape
     assert 0 <= num_protected <= budget <= N and positions.shape == (N,)
@@ -148,8 +156,23 @@ def oracle_keep_set(
         per_layer.append(((score - mu) / sd).amax(dim=1))  # max over the group's query heads (1.6 step 4)
     agg = torch.stack(per_layer, 0).mean(0)  # mean over layers -> [B, n] (1.6)
     top = torch.topk(agg, keep_n, dim=-1).indices + P  # back to slot indices
+    if prefer is not None and _equally_top(agg, prefer[:, P:] - P, keep_n):
+        top = prefer[:, P:]
     protected = torch.arange(P, device=device).expand(B, P)
     return torch.cat([protected, top], dim=-1).sort(dim=-1).values  # prefill U topk (1.9)
+
+
+def _equally_top(agg: torch.Tensor, chosen: torch.Tensor, keep_n: int) -> bool:
+    """Whether ``chosen`` [B, keep_n] (distinct candidate indices) is a top-``keep_n`` set of ``agg`` [B, n]: no
+    candidate left out scores above any chosen one (exact comparison: only exact ties may be broken either way)."""
+    if chosen.shape != (agg.shape[0], keep_n) or chosen.min() < 0 or chosen.max() >= agg.shape[-1]:
+        return False
+    picked = torch.zeros_like(agg, dtype=torch.bool).scatter(-1, chosen, True)
+    if not bool((picked.sum(-1) == keep_n).all()):
+        return False
+    lowest_in = agg.masked_fill(~picked, torch.inf).amin(-1)
+    highest_out = agg.masked_fill(picked, -torch.inf).amax(-1)
+    return bool((lowest_in >= highest_out).all())
 
 
 def independent_keep_sets(
