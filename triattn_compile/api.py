@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from triattn_compile import pieces
 from triattn_compile.cache import CACHE_KEYWORDS, CompressedCache, cache_keyword, query_positions
 from triattn_compile.calibration.contexts import CalibrationReport, as_documents, context_length_of, plan_contexts
 from triattn_compile.calibration.stats import TENSOR_NAMES, QueryStats
@@ -198,20 +199,32 @@ def _compressed_forward(compressor: Compressor, compiled, model: nn.Module, orig
     longest = length - min(cache.pads) if fresh else length
     if fresh:
         config.check_prompt(longest)
-    if length > compressor.capacity - cache.occupancy()[0]:
-        raise ValueError(
-            f"{length} new tokens do not fit the compressed cache ({cache.occupancy()[0]}/{compressor.capacity} "
-            "slots used); feed at most divide_length tokens per call after the prompt"
-        )
+    capacity = compressor.capacity
+    in_pieces = length > capacity - cache.occupancy()[0]
+    if in_pieces:
+        pieces.check_splittable(kwargs, length, capacity)
+        if fresh and max(cache.pads) >= capacity:
+            raise ValueError(f"a row's left padding ({max(cache.pads)} tokens) fills the whole compressed cache "
+                             f"({capacity} slots): batch prompts of similar lengths, or generate them one by one")
     if kwargs.get("position_ids") is None:  # each row's own positions: tokens fed minus its left padding
         kwargs["position_ids"] = query_positions(cache.ctrl, length).clamp(min=0)
     kwargs["use_cache"] = True
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
     compressor.cache = cache
-    out = compiled(original, compressor.step_inputs(cache), args, kwargs)
-    compressor.after_step(cache, length)
-    return out
+    if not in_pieces:
+        out = compiled(original, compressor.step_inputs(cache), args, kwargs)
+        compressor.after_step(cache, length)
+        return out
+    keep_last = kwargs.get("logits_to_keep") or 0
+    outputs, start = [], 0
+    while start < length:  # each piece fills the fullest row; the full rows compact after it
+        stop = min(length, start + capacity - cache.occupancy()[0])
+        piece = pieces.piece_of(kwargs, start, stop, keep_last)
+        outputs.append(compiled(original, compressor.step_inputs(cache), args, piece))
+        compressor.after_step(cache, stop - start)
+        start = stop
+    return pieces.join(outputs, keep_last)
 
 
 def _left_padding(mask, batch: int, length: int) -> list[int]:

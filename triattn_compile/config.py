@@ -20,7 +20,7 @@ class TriAttentionConfig:
         budget: tokens kept per KV head after each compaction (B). The cache holds at most ``budget + divide_length``.
         divide_length: decode steps between compactions (128).
         protect_prompt: keep the whole prompt and count it in the budget (paper default). When False the prompt
-            competes with generated tokens.
+            competes with generated tokens, and may be longer than the cache: it is fed in pieces (``pieces.py``).
         per_layer: one keep set per (layer, KV head) instead of one per KV head shared by all layers; ``None``
             (default): the policy's own default (shared for ``"triattention"``, per layer for the variants chosen
             that way, e.g. ``"triattention-persistent"``).
@@ -59,8 +59,8 @@ class TriAttentionConfig:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
 
     def check_prompt(self, length: int) -> None:
-        """Refuse, in one line, a protected prompt longer than the budget (the HF path and the vLLM plugin take the
-        same prompts: :func:`prompt_limit`; an unprotected one is bounded by the cache's capacity)."""
+        """Refuse, in one line, a protected prompt longer than the budget (:func:`prompt_limit`, as in the vLLM
+        plugin; an unprotected one has no limit here, it is fed in pieces)."""
         if self.protect_prompt and length > prompt_limit(self.budget, self.divide_length, True):
             raise ValueError(f"prompt of {length} tokens does not fit budget {self.budget} with prompt protection (the "
                              f"prompt is always kept; decode tokens compete for the rest of the budget): use budget >= "
@@ -68,7 +68,8 @@ class TriAttentionConfig:
 
 
 def prompt_limit(budget: int, divide_length: int, protect_prompt: bool) -> int:
-    """The longest prompt a sequence may have: a protected prompt is kept whole, so it must fit in the ``budget``
-    kept tokens (decode tokens compete for ``budget - prompt``, as in the paper's runs); an unprotected one is scored
-    like any token, and the cache holds at most ``budget + divide_length`` tokens before its first compaction."""
+    """The longest prompt a sequence may have in one piece: a protected prompt is kept whole, so it must fit in the
+    ``budget`` kept tokens (decode tokens compete for ``budget - prompt``, as in the paper's runs); an unprotected
+    one is scored like any token, and the cache holds at most ``budget + divide_length`` tokens before its first
+    compaction (the vLLM plugin's limit; the HF path feeds a longer one in pieces)."""
     return budget if protect_prompt else budget + divide_length
