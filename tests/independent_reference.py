@@ -165,7 +165,11 @@ def oracle_keep_set(
 def _equally_top(agg: torch.Tensor, chosen: torch.Tensor, keep_n: int) -> bool:
     """Whether ``chosen`` [B, keep_n] (distinct candidate indices) is a top-``keep_n`` set of ``agg`` [B, n]: no
     candidate left out scores above any chosen one (exact comparison: only exact ties may be broken either way)."""
-    if chosen.shape != (agg.shape[0], keep_n) or chosen.min() < 0 or chosen.max() >= agg.shape[-1]:
+    if chosen.shape != (agg.shape[0], keep_n):
+        return False
+    if keep_n == 0:  # the protected prompt fills the budget
+        return True
+    if chosen.min() < 0 or chosen.max() >= agg.shape[-1]:
         return False
     picked = torch.zeros_like(agg, dtype=torch.bool).scatter(-1, chosen, True)
     if not bool((picked.sum(-1) == keep_n).all()):

@@ -740,3 +740,4 @@ def test_exact_ties_may_go_either_way() -> None:
     assert _equally_top(agg, torch.tensor([[0, 2]]), 2) and _equally_top(agg, torch.tensor([[0, 3]]), 2)
     assert not _equally_top(agg, torch.tensor([[0, 1]]), 2)
     assert not _equally_top(agg, torch.tensor([[0, 0]]), 2)
+    assert _equally_top(agg, torch.zeros(1, 0, dtype=torch.long), 0)  # a protected prompt that fills the budget
