@@ -21,6 +21,7 @@ from triattn_compile.policies import (
     SnapKV,
     StreamingLLM,
     TriAttention,
+    TriAttentionCoverage,
     TriAttentionDistinct,
     TriAttentionDiverse,
     TriAttentionLasting,
@@ -99,6 +100,7 @@ def test_registry_names_and_options():
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "triattention-observed", "triattention-distinct", "triattention-live",
                              "triattention-persistent", "triattention-lasting", "triattention-reserve",
+                             "triattention-coverage",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)
@@ -387,6 +389,38 @@ def test_reserve_variant_gives_a_share_of_the_budget_to_rkv_and_the_rest_to_last
     assert TriAttentionReserve().distant_attention == 128 and TriAttentionReserve().query_window == 8
     with pytest.raises(ValueError, match="share"):
         TriAttentionReserve(share=0.75)
+
+
+@pytest.mark.parametrize("coverage", [0.3, 0.6, 1.0])
+def test_coverage_variant_splits_the_budget_per_head_by_the_lasting_attention_it_covers(coverage):
+    inp = synthetic(N=32, D=4, protected=2, budget=16)
+    inp.distant_attention = inp.attention * torch.rand(inp.attention.shape, generator=torch.Generator().manual_seed(9))
+    lasting = TriAttentionLasting(min_distance=5, noise=0.0).scores(inp)
+    got = TriAttentionCoverage(coverage=coverage, min_distance=5, noise=0.0).scores(inp)
+    assert got.shape == lasting.shape == (2, 1, 2, 32)
+    splits = set()
+    for layer in range(2):
+        rkv = 0.1 * ref_window_attention(inp, layer) - 0.9 * ref_redundancy(inp.keys[layer])[..., :-8]  # [1, 2, 24]
+        for head in range(2):
+            newest = [n for n in range(2, 32) if torch.isinf(lasting[layer, 0, head, n])]
+            older = [n for n in range(2, 32) if n not in newest]
+            mean = {n: float(inp.distant_attention[layer, 0, head, n]) / (132 - (100 + n) - 5) for n in older}
+            heaviest = sorted(older, key=lambda n: -mean[n])
+            total, held, k = sum(mean.values()), 0.0, 0
+            while held < coverage * total and k < len(heaviest):
+                held, k = held + mean[heaviest[k]], k + 1
+            k = min(k, 16 - 2 - len(newest))
+            splits.add(k)
+            kept = set(newest) | set(heaviest[:k])
+            row = got[layer, 0, head]
+            assert {n for n in range(32) if row[n] == torch.inf} == kept, (layer, head)
+            for n in range(32):
+                if n not in kept:
+                    want = float(rkv[0, head, n]) if 2 <= n < 24 else -torch.inf
+                    assert float(row[n]) == pytest.approx(want, rel=1e-5), (layer, head, n)
+    assert len(splits) > 1 or coverage == 1.0  # the split differs from head to head
+    with pytest.raises(ValueError, match="coverage"):
+        TriAttentionCoverage(coverage=0.0)
 
 
 def test_lasting_generates_a_left_padded_batch_like_each_prompt_alone(tmp_path):
