@@ -6,8 +6,8 @@ that, where the engine's ``additional_config`` has a ``triattn`` key (:mod:`~tri
 the settings are validated in the main process (one-line :class:`SettingsError`) and the compile backend becomes
 :mod:`~triattn_compile.vllm.backend` (discovery, then vLLM's own backend), with vLLM's compile cache off
 (``VLLM_DISABLE_COMPILE_CACHE=1`` unless set: a cached artifact would skip discovery); and
-``InputProcessor._validate_prompt_len``, so that a prompt longer than the HF path takes (the budget, or budget +
-divide length with ``protect_prompt`` false: ``config.prompt_limit``) is refused like one longer than
+``InputProcessor._validate_prompt_len``, so that a prompt longer than one piece of the cache (the budget, or budget
++ divide length with ``protect_prompt`` false: ``config.prompt_limit``) is refused like one longer than
 ``max_model_len`` (``VLLMValidationError``: HTTP 400 when serving) before it reaches the engine. :func:`unregister`
 removes both.
 """
