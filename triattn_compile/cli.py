@@ -85,14 +85,23 @@ class _ProgressStreamer:
         self.bar.close()
 
 
+def _read_prompt(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"--prompt-file {path} not found")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def _generate(args: argparse.Namespace) -> dict:
     import triattn_compile as tc
     from triattn_compile.loading import chat_ids, load_model
 
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give the user message as --prompt TEXT or --prompt-file PATH (one of them)")
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    ids = chat_ids(tokenizer, args.prompt)
+    ids = chat_ids(tokenizer, prompt)
     if args.budget:
-        tc.optimize(model, budget=args.budget, stats=args.stats)
+        tc.optimize(model, budget=args.budget, stats=args.stats, protect_prompt=not args.no_protect_prompt)
     start = time.perf_counter()
     streamer = None if args.json else _ProgressStreamer(args.max_new_tokens)
     with torch.no_grad():
@@ -214,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate from a chat prompt with a compressed KV cache")
     gen.add_argument("--model", default=None, help=model_help)
-    gen.add_argument("--prompt", required=True, help="user message (the model's chat template is applied)")
+    gen.add_argument("--prompt", default=None, help="user message (the model's chat template is applied)")
+    gen.add_argument("--prompt-file", type=Path, default=None, help="read the user message from this text file")
+    gen.add_argument("--no-protect-prompt", action="store_true",
+                     help="score the prompt like any token instead of keeping it whole: a prompt longer than the "
+                          "budget then works (fed in pieces that each fill the cache, compacting between them)")
     gen.add_argument("--budget", type=int, default=256, help="KV budget per KV head; 0 runs full attention")
     gen.add_argument("--stats", default=None, help="stats file from `triattn calibrate` (default: online)")
     gen.add_argument("--max-new-tokens", type=int, default=512, help="tokens to generate")
