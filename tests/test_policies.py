@@ -369,16 +369,27 @@ def test_lasting_variant_matches_loop_reference_and_caps_the_protected_newest(pe
         TriAttentionLasting(min_distance=0)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
-def test_reserve_variant_gives_a_share_of_the_budget_to_rkv_and_the_rest_to_lasting(share):
+def _lasting_case() -> tuple[CompactionInputs, torch.Tensor]:
+    """32 slots (2 protected), budget 16, distant attention recorded; and (h)'s scores with distance 5 (the newest 5
+    at +inf)."""
     inp = synthetic(N=32, D=4, protected=2, budget=16)
     inp.distant_attention = inp.attention * torch.rand(inp.attention.shape, generator=torch.Generator().manual_seed(9))
-    lasting = TriAttentionLasting(min_distance=5, noise=0.0).scores(inp)
+    return inp, TriAttentionLasting(min_distance=5, noise=0.0).scores(inp)
+
+
+def _ref_rkv(inp: CompactionInputs, layer: int) -> torch.Tensor:
+    """R-KV's score of the slots before its 8-query window, from the loop references: ``[1, Hkv, N - 8]``."""
+    return 0.1 * ref_window_attention(inp, layer) - 0.9 * ref_redundancy(inp.keys[layer])[..., :-8]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
+def test_reserve_variant_gives_a_share_of_the_budget_to_rkv_and_the_rest_to_lasting(share):
+    inp, lasting = _lasting_case()
     got = TriAttentionReserve(share=share, min_distance=5, noise=0.0).scores(inp)
     assert got.shape == lasting.shape == (2, 1, 2, 32)
     reserve = int(share * 16)
     for layer in range(2):
-        rkv = 0.1 * ref_window_attention(inp, layer) - 0.9 * ref_redundancy(inp.keys[layer])[..., :-8]  # [1, 2, 24]
+        rkv = _ref_rkv(inp, layer)
         for head in range(2):
             free = [n for n in range(2, 24) if not torch.isinf(lasting[layer, 0, head, n])]
             picked = sorted(free, key=lambda n: -float(rkv[0, head, n]))[:reserve]
@@ -393,14 +404,12 @@ def test_reserve_variant_gives_a_share_of_the_budget_to_rkv_and_the_rest_to_last
 
 @pytest.mark.parametrize("coverage", [0.3, 0.6, 1.0])
 def test_coverage_variant_splits_the_budget_per_head_by_the_lasting_attention_it_covers(coverage):
-    inp = synthetic(N=32, D=4, protected=2, budget=16)
-    inp.distant_attention = inp.attention * torch.rand(inp.attention.shape, generator=torch.Generator().manual_seed(9))
-    lasting = TriAttentionLasting(min_distance=5, noise=0.0).scores(inp)
+    inp, lasting = _lasting_case()
     got = TriAttentionCoverage(coverage=coverage, min_distance=5, noise=0.0).scores(inp)
     assert got.shape == lasting.shape == (2, 1, 2, 32)
     splits = set()
     for layer in range(2):
-        rkv = 0.1 * ref_window_attention(inp, layer) - 0.9 * ref_redundancy(inp.keys[layer])[..., :-8]  # [1, 2, 24]
+        rkv = _ref_rkv(inp, layer)
         for head in range(2):
             newest = [n for n in range(2, 32) if torch.isinf(lasting[layer, 0, head, n])]
             older = [n for n in range(2, 32) if n not in newest]
