@@ -212,19 +212,15 @@ def _compressed_forward(compressor: Compressor, compiled, model: nn.Module, orig
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
     compressor.cache = cache
-    if not in_pieces:
-        out = compiled(original, compressor.step_inputs(cache), args, kwargs)
-        compressor.after_step(cache, length)
-        return out
     keep_last = kwargs.get("logits_to_keep") or 0
     outputs, start = [], 0
-    while start < length:  # each piece fills the fullest row; the full rows compact after it
+    while start < length:  # one step, or pieces that each fill the fullest row; the full rows compact after each
         stop = min(length, start + capacity - cache.occupancy()[0])
-        piece = pieces.piece_of(kwargs, start, stop, keep_last)
+        piece = pieces.piece_of(kwargs, start, stop, keep_last) if in_pieces else kwargs
         outputs.append(compiled(original, compressor.step_inputs(cache), args, piece))
         compressor.after_step(cache, stop - start)
         start = stop
-    return pieces.join(outputs, keep_last)
+    return pieces.join(outputs, keep_last) if in_pieces else outputs[0]
 
 
 def _left_padding(mask, batch: int, length: int) -> list[int]:
