@@ -81,7 +81,7 @@ import torch
 import transformers as T
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
-from independent_reference import OracleLayer, oracle_keep_set, pass_dims, prerope_scores, rotary_bands
+from independent_reference import OracleLayer, _equally_top, oracle_keep_set, pass_dims, prerope_scores, rotary_bands
 
 import triattn_compile as tc
 from triattn_compile.policies import layer_scores
@@ -734,8 +734,6 @@ def test_exact_ties_may_go_either_way() -> None:
     swapped for a lower-scored one is refused."""
     run_case(Case("cohere2", 3, 2, 1, 32, 10000.0, "default", "float32", 35, 8, 1, 43, False, True, 2535,
                   kinds="NWN", window=35))
-    from independent_reference import _equally_top
-
     agg = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
     assert _equally_top(agg, torch.tensor([[0, 2]]), 2) and _equally_top(agg, torch.tensor([[0, 3]]), 2)
     assert not _equally_top(agg, torch.tensor([[0, 1]]), 2)
