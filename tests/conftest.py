@@ -17,6 +17,9 @@ settings.register_profile("ci", max_examples=1, deadline=None, derandomize=True,
 settings.register_profile("long", max_examples=200, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one worker per core, each one torch thread (no contention)
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

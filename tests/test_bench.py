@@ -24,7 +24,7 @@ TWIN_POSITION = 20
 @pytest.fixture(scope="module")
 def interleaved() -> tuple[torch.nn.Module, torch.Tensor, list[Run]]:
     """The tiny model, its prompt and one interleaved run of every method, ``OPT`` with a twin decode up to
-    ``TWIN_POSITION`` (compiling is most of these tests' time: the twin test reads the same run)."""
+    ``TWIN_POSITION`` (compiling is most of the time: the slow leg's lockstep test)."""
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
     runs = run_methods(model, ids, STEPS, ["sdpa", "compiled", OPT], progress=False, interleave=True, twins=(OPT,),
@@ -48,9 +48,13 @@ def test_lockstep_decodes_equal_sequential_ones(interleaved) -> None:
     assert compressed.compaction_seconds > 0 and 0 < compressed.compaction_share(steps - 3) < 1
     assert compressed.peak_kv_bytes < full.peak_kv_bytes
     assert not tc.is_optimized(model)  # the optimized methods ran on replicas sharing the weights
+    # the twin decode of OPT (test_a_twin_decode_ends_in_the_same_cycles_as_its_method: its schedule)
+    assert len(together) == 3 and not together[0].twin_step_seconds and not together[1].twin_step_seconds
+    assert len(compressed.twin_step_seconds) == TWIN_POSITION - 4  # timed steps up to position ~TWIN_POSITION
+    assert compressed.recompiles_after_warmup == 0  # the twin's compilation is not counted in the main decode
 
 
-def test_a_twin_decode_ends_in_the_same_cycles_as_its_method(interleaved) -> None:
+def test_a_twin_decode_ends_in_the_same_cycles_as_its_method() -> None:
     log = []
 
     def decode(name: str, steps: int):
@@ -63,11 +67,6 @@ def test_a_twin_decode_ends_in_the_same_cycles_as_its_method(interleaved) -> Non
     cycles = [[name for name, _ in log[i:i + 2]] for i in range(0, len(log), 2)]
     assert [c for c in cycles if c == ["main", "twin"]] == [["main", "twin"]] * 4
     assert log[-2:] == [("main", 9), ("twin", 3)]  # both take their last step in the last cycle
-
-    _, _, runs = interleaved  # sdpa, compiled, OPT with a twin
-    assert len(runs) == 3 and not runs[0].twin_step_seconds and not runs[1].twin_step_seconds
-    assert len(runs[2].twin_step_seconds) == TWIN_POSITION - 4  # timed steps up to position ~TWIN_POSITION
-    assert runs[2].recompiles_after_warmup == 0  # the twin's compilation is not counted in the main decode
 
 
 def _run(method: str, seconds: list[float], kv_bytes: int, prompt: int = 100) -> Run:
