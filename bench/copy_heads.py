@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from triattn_compile.loading import load_model
 from triattn_compile.policies import POLICIES, RKV, CompactionInputs, TriAttentionLasting, rkv_ranking
@@ -75,9 +74,7 @@ class CopyHeads(TriAttentionLasting):
         if self.window:
             rkv = torch.where(torch.isinf(lasting), lasting, rkv_ranking(inputs, lasting, self.query_window))
         else:
-            policy = RKV(query_window=self.query_window)
-            rkv = torch.stack([F.pad(policy.layer_scores(inputs, i), (0, policy.query_window), value=torch.inf)
-                               for i in range(len(inputs.keys))])
+            rkv = RKV(query_window=self.query_window).scores(inputs)  # its newest query_window kept (+inf)
         chosen = self.chosen(lasting.shape[0]).to(lasting.device)[:, None, :, None]
         return torch.where(chosen, rkv, lasting)
 
