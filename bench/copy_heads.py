@@ -3,7 +3,7 @@ what giving them more of the budget buys.
 
     python bench/copy_heads.py scores                        # the copy score of every (layer, KV head)
     python bench/copy_heads.py eval TRIATTN-EVAL-ARGS        # `triattn eval`, with the diagnostic policies below
-    python bench/copy_heads.py pairs FOLDER BUDGET           # head-budgets runs: gap closed, paired differences
+    python bench/copy_heads.py pairs FOLDER BUDGET [OPTIONS] # head-budgets runs: gap closed, paired differences
 
 A diagnostic, not a policy of the library. ``scores``: on ``rows`` random token sequences of ``length`` tokens,
 each repeated once, eager attention; per query head, the mean probability that a query in the repeat pays to its
@@ -180,19 +180,21 @@ class HeadBudgets(TriAttentionLasting):
 CONTROLS = {"lasting": "head-budgets/threshold=9", "rkv": "head-budgets/base=1", "streamingllm": "head-budgets/base=2"}
 
 
-def pairs(folder: str, budget: int) -> None:
+def pairs(folder: str, budget: int, options: str = "") -> None:
     """Per policy of an eval folder: the share of the StreamingLLM control's gap to full attention closed, and the
-    paired NLL differences to the lasting and R-KV controls (95% block-bootstrap intervals), over its documents."""
+    paired NLL differences to the lasting and R-KV controls (95% block-bootstrap intervals), over its documents; the
+    controls' names end in ``,OPTIONS`` when given (e.g. ``mean=128``)."""
+    controls = {k: f"{v},{options}" if options else v for k, v in CONTROLS.items()}
     from triattn_compile.evaluation.report import gap_closed, paired_difference
 
     per_token = torch.load(f"{folder}/per_token.pt")
     docs = [key.partition("|")[2] for key in per_token if key.startswith("full|")]
     names = sorted({key.split("|")[0] for key in per_token if key.count("|") == 2})
     for name in names:
-        gap = gap_closed(per_token, name, budget, docs, reference=CONTROLS["streamingllm"])
+        gap = gap_closed(per_token, name, budget, docs, reference=controls["streamingllm"])
         line = f"{name:32s} gap closed {gap[0]:+.0%} [{gap[1]:+.0%}, {gap[2]:+.0%}]"
         for control in ("lasting", "rkv"):
-            diff = paired_difference(per_token, name, CONTROLS[control], budget, docs)
+            diff = paired_difference(per_token, name, controls[control], budget, docs)
             line += f"  vs {control} {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]"
         print(line)
 
@@ -200,7 +202,7 @@ def pairs(folder: str, budget: int) -> None:
 def main() -> int:
     global SCORES
     if sys.argv[1:2] == ["pairs"]:
-        pairs(sys.argv[2], int(sys.argv[3]))
+        pairs(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
         return 0
     model, _ = load_model()
     SCORES = copy_scores(model)
