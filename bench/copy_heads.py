@@ -78,6 +78,8 @@ class CopyHeads(TriAttentionLasting):
 
     def chosen(self, layers: int) -> torch.Tensor:
         """``[L, Hkv]`` bool."""
+        if SCORES.shape[1] != layers:
+            raise ValueError(f"{self.name}: the copy scores cover {SCORES.shape[1]} layers, the model has {layers}")
         if self.threshold >= 0:
             return (SCORES.amax(0) if self.kind == 0 else SCORES[self.kind - 1]) >= self.threshold
         layer = torch.arange(layers)[:, None]
@@ -111,8 +113,8 @@ def valid_inputs(inputs: CompactionInputs, count: int) -> tuple[CompactionInputs
 
 
 @dataclass
-class HeadBudgets(TriAttentionLasting):
-    """Per-head budgets at a mean of ``mean`` slots per KV head: ``copy`` for the copy heads (a score >= ``threshold``),
+class HeadBudgets(CopyHeads):
+    """Per-head budgets at a mean of ``mean`` slots per KV head: ``copy`` for the copy heads (chosen as by CopyHeads),
     whose slots ``triattention-reserve/share=SHARE`` ranks, and the rest shared by the other heads, which
     ``triattention-lasting`` ranks (``base`` 1: R-KV, 2: StreamingLLM in every head, at ``mean``; the controls).
 
@@ -126,15 +128,11 @@ class HeadBudgets(TriAttentionLasting):
     share: float = 0.5
     threshold: float = 0.1
     base: int = 0
-    query_window: int = 8
     name: str = "head-budgets"
 
     def chosen(self, layers: int) -> torch.Tensor:
         """``[L, Hkv]`` bool: the copy heads (none for the controls)."""
-        chosen = SCORES.amax(0) >= self.threshold
-        if chosen.shape[0] != layers:
-            raise ValueError(f"{self.name}: the copy scores cover {chosen.shape[0]} layers, the model has {layers}")
-        return chosen & (self.base == 0)
+        return super().chosen(layers) & (self.base == 0)
 
     def head_budgets(self, chosen: torch.Tensor, cap: int) -> torch.Tensor:
         """``[L, Hkv]`` slots each KV head keeps: ``copy`` in the copy heads, the rest of ``mean`` per head spread
@@ -177,6 +175,7 @@ class HeadBudgets(TriAttentionLasting):
         inputs.positions.masked_fill_(~keep, -1)  # a view of the cache's slot positions: the dropped are hidden
         return out.masked_fill(~keep, -torch.inf)
 
+
 CONTROLS = {"lasting": "head-budgets/threshold=9", "rkv": "head-budgets/base=1", "streamingllm": "head-budgets/base=2"}
 
 
@@ -184,8 +183,9 @@ def pairs(folder: str, budget: int, options: str = "") -> None:
     """Per policy of an eval folder: the share of the StreamingLLM control's gap to full attention closed, and the
     paired NLL differences to the lasting and R-KV controls (95% block-bootstrap intervals), over its documents; the
     controls' names end in ``,OPTIONS`` when given (e.g. ``mean=128``)."""
-    controls = {k: f"{v},{options}" if options else v for k, v in CONTROLS.items()}
     from triattn_compile.evaluation.report import gap_closed, paired_difference
+
+    controls = {k: f"{v},{options}" if options else v for k, v in CONTROLS.items()}
 
     per_token = torch.load(f"{folder}/per_token.pt")
     docs = [key.partition("|")[2] for key in per_token if key.startswith("full|")]
