@@ -5,10 +5,11 @@ what giving them more of the budget buys.
     python bench/copy_heads.py eval TRIATTN-EVAL-ARGS        # `triattn eval`, with the diagnostic policies below
     python bench/copy_heads.py pairs FOLDER BUDGET [OPTIONS] # head-budgets runs: gap closed, paired differences
 
-A diagnostic, not a policy of the library. ``scores``: on ``rows`` random token sequences of ``length`` tokens,
-each repeated once, eager attention; per query head, the mean probability that a query in the repeat pays to its
-token's first occurrence (an echo, or duplicate-token, head) and to the token after it (an induction head), each
-max over the GQA group (RazorAttention, Tang et al. 2024, keeps full caches for the same two kinds).
+A diagnostic, not a policy of the library. ``scores``: the library's copy scores
+(``triattn_compile/calibration/copy_heads.py``): on random token sequences repeated once, per KV head the mean
+probability that a query in the repeat pays to its token's first occurrence (an echo head) and to the token after it
+(an induction head). The library's ``triattention-copy`` policy came out of these diagnostics (per-layer budgets,
+``results/quality-copy/``).
 
 ``eval`` runs ``triattn eval`` with two more policies:
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from triattn_compile.calibration.copy_heads import copy_scores
 from triattn_compile.loading import load_model
 from triattn_compile.policies import (
     POLICIES,
@@ -38,28 +40,6 @@ from triattn_compile.policies import (
     TriAttentionReserve,
     rkv_ranking,
 )
-
-
-@torch.no_grad()
-def copy_scores(model, length: int = 256, rows: int = 4, seed: int = 0) -> torch.Tensor:
-    """``[2, L, Hkv]``: echo and induction scores (see the module docstring)."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    seq = torch.randint(vocab // 100, vocab - vocab // 100, (rows, length), generator=gen)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # the only implementation that returns probabilities
-    try:
-        attentions = model(torch.cat([seq, seq], 1), output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
-    query = torch.arange(length + 1, 2 * length)
-    kv = model.config.num_key_value_heads
-    out = []
-    for shift in (length, length - 1):  # echo: the same token; induction: the token after it
-        per_layer = [a[:, :, query, query - shift].float().mean((0, 2)) for a in attentions]  # [H] each
-        out.append(torch.stack(per_layer).view(len(attentions), kv, -1).amax(-1))
-    return torch.stack(out)
-
 
 SCORES: torch.Tensor | None = None  # set by ``eval`` before the policy runs
 
@@ -128,15 +108,21 @@ class HeadBudgets(CopyHeads):
     share: float = 0.5
     threshold: float = 0.1
     base: int = 0
+    layers: int = 0  # 1: per-layer budgets (every head of a layer with a copy head keeps ``copy``); 2: and ranked
+    # as a copy head
     name: str = "head-budgets"
 
     def chosen(self, layers: int) -> torch.Tensor:
         """``[L, Hkv]`` bool: the copy heads (none for the controls)."""
-        return super().chosen(layers) & (self.base == 0)
+        chosen = super().chosen(layers) & (self.base == 0)
+        return chosen.any(1, keepdim=True).expand_as(chosen) if self.layers == 2 else chosen
 
     def head_budgets(self, chosen: torch.Tensor, cap: int) -> torch.Tensor:
-        """``[L, Hkv]`` slots each KV head keeps: ``copy`` in the copy heads, the rest of ``mean`` per head spread
-        evenly over the others (rounded down)."""
+        """``[L, 1, Hkv, 1]`` slots each KV head keeps (``chosen`` of that shape): ``copy`` in the copy heads (with
+        ``layers=1``, in every head of their layers), the rest of ``mean`` per head spread evenly over the others
+        (rounded down)."""
+        if self.layers:
+            chosen = chosen.any(2, keepdim=True).expand_as(chosen)
         copies, heads = int(chosen.sum()), chosen.numel()
         if (copies and self.copy > cap) or self.mean > cap or copies * self.copy > heads * self.mean:
             raise ValueError(f"{self.name}: copy={self.copy} and mean={self.mean} must fit the run's budget {cap}, "
@@ -163,14 +149,15 @@ class HeadBudgets(CopyHeads):
             raise RuntimeError(f"{self.name}: heads hold {held.unique().tolist()} tokens, expected "
                                f"{expected.unique().tolist()}: the masking did not take")
         out = torch.full(inputs.positions.shape, -torch.inf, device=device)
-        for policy, member in zip(self.rankings(), (chosen, ~chosen)):
-            if not member.any():
-                continue
-            first = member.nonzero()[0].tolist()  # a head of the group (each holds as many tokens)
-            sub, idx = valid_inputs(inputs, int(held[first[0], 0, first[2], 0]))
-            k = int(budgets[first[0], 0, first[2], 0])
-            ranked = policy.scores(replace(sub, budget=k)).float().clamp_min(-1e30)  # -inf would tie with the dropped
-            out = torch.where(member, out.scatter(-1, idx, ranked), out)
+        for policy, ranked_by in zip(self.rankings(), (chosen, ~chosen)):
+            for k in budgets.unique().tolist():  # a group: one ranking, one budget (so as many held tokens)
+                member = ranked_by & (budgets == k)
+                if not member.any():
+                    continue
+                first = member.nonzero()[0].tolist()
+                sub, idx = valid_inputs(inputs, int(held[first[0], 0, first[2], 0]))
+                ranked = policy.scores(replace(sub, budget=k)).float().clamp_min(-1e30)  # -inf ties with the dropped
+                out = torch.where(member, out.scatter(-1, idx, ranked), out)
         keep = out.argsort(-1, descending=True).argsort(-1) < budgets
         inputs.positions.masked_fill_(~keep, -1)  # a view of the cache's slot positions: the dropped are hidden
         return out.masked_fill(~keep, -torch.inf)

@@ -62,3 +62,16 @@ def test_the_run_fails_when_a_head_holds_more_than_its_budget():
     inp.round = 1  # as if compacted before, but nothing was hidden
     with pytest.raises(RuntimeError, match="masking did not take"):
         copy_heads.HeadBudgets(mean=16, copy=24, threshold=0.5).scores(inp)
+
+
+def test_per_layer_budgets_give_every_head_of_a_copy_layer_the_copy_budget():
+    inp = _inputs()
+    policy = copy_heads.HeadBudgets(mean=16, copy=24, threshold=0.5, share=0.5, layers=1)
+    reserve = TriAttentionReserve(share=0.5).scores(replace(inp, budget=24))
+    lasting = {k: TriAttentionLasting().scores(replace(inp, budget=k)) for k in (24, 8)}  # (4 * 16 - 2 * 24) // 2
+    policy.scores(inp)
+    assert (inp.positions >= 0).sum(-1)[:, 0].tolist() == [[24, 24], [8, 8]]
+    for layer, head, want, k in [(0, 0, reserve, 24), (0, 1, lasting[24], 24), (1, 0, lasting[8], 8),
+                                 (1, 1, lasting[8], 8)]:
+        kept = set((inp.positions[layer, 0, head] >= 0).nonzero().flatten().tolist())
+        assert kept == set(want[layer, 0, head].topk(k).indices.tolist()), (layer, head)

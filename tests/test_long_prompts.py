@@ -55,7 +55,8 @@ def test_long_prompt_equals_its_pieces_fed_by_hand_and_generates(stats):
     assert cache.peak_occupancy() == CAPACITY and cache.compactions() == 7  # 48, then 16 at a time: 150 = 48 + 6*16 + 6
     by_hand = _by_hand(reference, ids)
     assert torch.equal(out.logits, by_hand)
-    assert torch.equal(model(ids, logits_to_keep=3).logits, out.logits[:, -3:])  # generate() asks for the last one
+    # generate() asks for the last one; the LM head over 3 rows instead of 150 may round differently (BLAS)
+    torch.testing.assert_close(model(ids, logits_to_keep=3).logits, out.logits[:, -3:], rtol=0, atol=1e-6)
     tokens = model.generate(ids, max_new_tokens=NEW, do_sample=False)[0, 150:]
     assert tc.current_cache(model).peak_occupancy() == CAPACITY
     nxt = by_hand[:, -1:].argmax(-1)

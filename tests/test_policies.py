@@ -100,7 +100,7 @@ def test_registry_names_and_options():
                              "triattention-recent", "triattention-diverse", "triattention-vnorm",
                              "triattention-observed", "triattention-distinct", "triattention-live",
                              "triattention-persistent", "triattention-lasting", "triattention-reserve",
-                             "triattention-coverage",
+                             "triattention-coverage", "triattention-copy",
                              "streamingllm", "snapkv", "rkv", "h2o", "random"}
     for name, cls in POLICIES.items():
         assert make_policy(name).name == name and isinstance(make_policy(name), cls)

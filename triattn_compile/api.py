@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect as _inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def _check_placement(model: nn.Module) -> None:
                          "(e.g. model.to(torch.float32))")
 
 
-def optimize(model: nn.Module, budget: int = BUDGET, **options) -> nn.Module:
+def optimize(model: nn.Module, budget: int | None = None, **options) -> nn.Module:
     """Give ``model`` a TriAttention-compressed KV cache of ``budget + 128`` slots per KV head.
 
     Args:
@@ -139,7 +140,7 @@ def optimize(model: nn.Module, budget: int = BUDGET, **options) -> nn.Module:
             torchtune: set them up for ``budget + divide_length`` positions) and is called as its code calls it;
             its layout is then discovered on its first call (``own_forward.py``). The model object is modified
             in place (an instance-level ``forward``); :func:`restore` undoes it.
-        budget: tokens kept per KV head after each compaction.
+        budget: tokens kept per KV head after each compaction (default 2048; with ``layer_budgets=``, their mean).
         **options: further :class:`TriAttentionConfig` fields (``stats=``, ``protect_prompt=``, ``per_layer=``, ...).
     Returns:
         the same model object.
@@ -154,15 +155,23 @@ def optimize(model: nn.Module, budget: int = BUDGET, **options) -> nn.Module:
     _check_placement(model)
     config = TriAttentionConfig(budget=budget, **options)
     if _missing_arguments(model):  # its own call convention and, presumably, its own KV cache
+        if config.layer_budgets is not None:
+            raise ValueError("layer_budgets needs the model to write a transformers-style cache; a model that keeps "
+                             "its own KV buffers has one size for every layer: give budget= instead")
         own = OwnCacheForward(model, config, _run_traced)
         setattr(model, _ATTR, own)
         model.forward = own
         return model
-    layout = discover(model, config.budget, config.divide_length)
+    layout = discover(model, config.shared_budget, config.divide_length)
     compressor = Compressor(config, layout, next(model.parameters()).device)
+    planned = None if config.layer_budgets else compressor.policy.layer_budgets(model, config.budget, layout,
+                                                                                   config.divide_length)
+    if planned:  # the policy spends the same mean budget unevenly over the layers
+        config = replace(config, budget=None, layer_budgets=planned, policy=compressor.policy)
+        compressor = Compressor(config, layout, next(model.parameters()).device)
     backend = TriAttentionBackend(
         "compress", input_names=compressor.step_input_names(), layout=layout,
-        model_config=getattr(model, "config", None), budget=config.budget, capture=compressor.online,
+        model_config=getattr(model, "config", None), budget=config.shared_budget, capture=compressor.online,
         compiler=config.compiler, min_distance=compressor.policy.distant_attention,
     )
     compiled = torch.compile(isolated_step(), backend=backend, fullgraph=True)

@@ -18,6 +18,11 @@ Two copies of the counters, so that the compiled step never syncs with the host:
 Rows are independent: each has its own write pointer, positions (``fed - pad``), protected prompt and compaction
 schedule, so a row of a left-padded batch evolves exactly as the same prompt alone. Padding tokens are written to
 the row's last slots (``(occupied + t - pad) mod C``), marked ``-1`` and overwritten before the row is full.
+
+Per-layer budgets (``extra``): every layer shares the ring of ``C = budget + divide_length`` slots that new tokens
+are written to (one write pointer for all layers); a layer whose budget is ``budget + e`` has ``e`` more slots after
+the ring, written only by compaction (its kept tokens beyond the first ``budget``). Attention reads a layer's ring
+and extra slots alike, under the same mask by position.
 """
 
 from __future__ import annotations
@@ -65,16 +70,18 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, capacity: int, ctrl: torch.Tensor):
+    def __init__(self, capacity: int, ctrl: torch.Tensor, extra: int = 0):
         super().__init__()
-        self.capacity = capacity
+        self.capacity, self.extra = capacity, extra  # the ring new tokens go to; slots after it (compaction's)
         self.ctrl = ctrl
+        self.mask_width: int | None = None  # the model's own mask width, where not this layer's slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads = key_states.shape[:2]
-        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        slots = self.capacity + self.extra
+        self.keys = key_states.new_zeros(batch, heads, slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, slots, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -89,7 +96,7 @@ class CompressedLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.capacity, 0
+        return self.mask_width or self.capacity + self.extra, 0
 
     def get_seq_length(self) -> torch.Tensor:
         return self.ctrl[SEEN, 0]
@@ -106,15 +113,24 @@ class CompressedCache(Cache):
         budget: tokens kept per KV head after a compaction (B).
         divide_length: decode steps between compactions; capacity is ``budget + divide_length``.
         batch: rows (sequences); each has its own write pointer, positions and compaction schedule.
+        extra: per layer, slots kept beyond ``budget`` (that layer's budget is ``budget + extra[i]``); default none.
     """
 
     def __init__(self, num_layers: int | None, budget: int, divide_length: int = DIVIDE_LENGTH,
-                 device: torch.device | str = "cpu", batch: int = 1):
+                 device: torch.device | str = "cpu", batch: int = 1, extra: list[int] | None = None):
         self.budget = budget
         self.capacity = budget + divide_length
         self.batch = batch
+        self.extra = list(extra) if extra is not None else [0] * (num_layers or 1)
+        if len(self.extra) != (num_layers or 1):
+            raise ValueError(f"extra slots for {len(self.extra)} layers, the cache has {num_layers or 1}")
         self.ctrl = torch.zeros(3, batch, dtype=torch.int64, device=device)
-        super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl) for _ in range(num_layers or 1)])
+        super().__init__(layers=[CompressedLayer(self.capacity, self.ctrl, e) for e in self.extra])
+        if len(set(self.extra)) > 1:
+            # transformers builds one mask for all layers from one layer's size, and layers of different widths
+            # cannot share it; the pass replaces every layer's mask with its own, so ask for one that broadcasts
+            for layer in self.layers:
+                layer.mask_width = 1
         if num_layers is None:  # discovery's probe: a layer for every layer index the model writes
             self.layer_class_to_replicate = lambda: CompressedLayer(self.capacity, self.ctrl)
         self.slot_pos: torch.Tensor | None = None
@@ -123,6 +139,7 @@ class CompressedCache(Cache):
         self.distant_attention: torch.Tensor | None = None  # [L, B, Hkv, C] its share from distant queries
         # host mirror, per row: occupied slots, left padding, protected prompt, compaction rounds
         self.fill, self.pads, self.prompt, self.row_rounds = ([0] * batch for _ in range(4))
+        self.kept_extra = [[0] * len(self.extra) for _ in range(batch)]  # per row and layer: extra slots held
         self.seen = self.peak = 0  # tokens fed (padding included); most slots a row ever held
 
     @property
@@ -156,7 +173,7 @@ class CompressedCache(Cache):
         """What the padding queries left in the policies' observations is cleared (as if the row ran alone)."""
         for acc in (self.attention, self.distant_attention):
             if acc is not None:
-                acc[:, row, :, self.capacity - pad:] = 0  # padding slots (each saw only itself)
+                acc[:, row, :, self.capacity - pad:self.capacity] = 0  # padding slots (each saw only itself)
         if self.queries is not None and real < self.queries.shape[3]:
             self.queries[:, row, :, : self.queries.shape[3] - real] = 0
 
@@ -169,6 +186,7 @@ class CompressedCache(Cache):
             if extra is not None:
                 extra.zero_()
         self.fill, self.pads, self.prompt, self.row_rounds = ([0] * self.batch for _ in range(4))
+        self.kept_extra = [[0] * len(self.extra) for _ in range(self.batch)]
         self.seen = self.peak = 0
 
     def repeat_rows(self, batch: int) -> None:
@@ -185,6 +203,7 @@ class CompressedCache(Cache):
                 setattr(self, name, value.repeat(1, batch, *[1] * (value.dim() - 2)))
         self.fill, self.pads, self.prompt, self.row_rounds = (v * batch for v in
                                                                (self.fill, self.pads, self.prompt, self.row_rounds))
+        self.kept_extra = [list(self.kept_extra[0]) for _ in range(batch)]
         self.batch = batch
 
     def full_rows(self) -> list[int]:
@@ -214,16 +233,38 @@ class CompressedCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def width(self) -> int:
+        """Slots of the widest layer: the ring and that layer's extra slots."""
+        return self.capacity + max(self.extra)
+
     def allocate_positions(self, batch: int, kv_heads: int) -> torch.Tensor:
-        """``slot_pos`` ``[L, B, Hkv, C]``, created on first use (the batch size is known only then)."""
+        """``slot_pos`` ``[L, B, Hkv, width]``, created on first use (the batch size is known only then); a layer with
+        fewer extra slots than the widest never uses its last columns (``-1``)."""
         if self.slot_pos is None:
             self.slot_pos = torch.full(
-                (len(self.layers), batch, kv_heads, self.capacity), -1, dtype=torch.int64, device=self.ctrl.device
+                (len(self.layers), batch, kv_heads, self.width), -1, dtype=torch.int64, device=self.ctrl.device
             )
         return self.slot_pos
 
+    def held_slots(self, row: int, layer: int) -> slice | torch.Tensor:
+        """The slots row ``row`` of layer ``layer`` holds, in temporal order: the ring's first ``budget`` (kept at
+        the last compaction), then the extra slots kept with them, then the ring's newer tokens; a slice while no
+        extra slot is held (what compaction inputs index, and keep sets refer to)."""
+        fill, kept = self.fill[row], self.kept_extra[row][layer]
+        if not kept:
+            return slice(0, fill)
+        device = self.ctrl.device
+        return torch.cat([torch.arange(self.budget, device=device),
+                          torch.arange(self.capacity, self.capacity + kept, device=device),
+                          torch.arange(self.budget, fill, device=device)])
+
+    def layer_budget(self, layer: int) -> int:
+        """Tokens layer ``layer`` keeps per KV head after a compaction."""
+        return self.budget + self.extra[layer]
+
     def occupancy(self) -> list[int]:
-        """Occupied slots per layer, fullest row (identical across layers: every layer keeps the same count)."""
+        """Occupied ring slots per layer, fullest row (the same in every layer: one write pointer)."""
         return [self.occupied] * len(self.layers)
 
     def peak_occupancy(self) -> int:

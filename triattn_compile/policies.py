@@ -52,6 +52,8 @@ class CompactionInputs:
     q_pass: torch.Tensor | list | None = None  # [L, H, P]: mean of the pass-through query dims (MLA: folded [H, R])
     values: list[torch.Tensor] | torch.Tensor | None = None  # per layer: occupied values [B, Hkv, N, Dv] (or stacked)
     budget: int = 0  # slots kept per KV head after this compaction
+    layers: list[int] | None = None  # the model's layer index of each entry (HF path; per-layer budgets score the
+    # layers of each budget on their own)
 
     @property
     def num_kv_heads(self) -> int:
@@ -118,6 +120,11 @@ class Policy:
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         """``[L, B, Hkv, N]`` (one keep set per layer) or ``[1, B, Hkv, N]`` (one set shared by all layers)."""
         raise NotImplementedError
+
+    def layer_budgets(self, model, budget: int, layout, floor: int) -> tuple[int, ...] | None:
+        """Per-layer budgets of mean (at most) ``budget``, none below ``floor``, planned by the policy for ``model``
+        (its discovered ``layout``) when it is optimized; ``None`` (the default): ``budget`` in every layer."""
+        return None
 
 
 @dataclass
@@ -465,6 +472,35 @@ class TriAttentionReserve(TriAttentionLasting):
         return scored.scatter(-1, picked, torch.inf)
 
 
+@dataclass
+class TriAttentionCopy(TriAttentionReserve):
+    """(j) Per-layer budgets for the copy layers: the layers with an echo or induction head (a copy score of at
+    least ``threshold``, measured on random tokens when the model is optimized: ``calibration/copy_heads.py``) keep
+    ``boost`` times the budget per KV head, ranked by (i); the others share the rest of the same mean (none below
+    ``divide_length``), ranked by (h). The memory is the mean budget's: the cache gives each layer its own number of
+    slots (``layer_budgets``). Round 6 found the retrieval probe's facts and R-KV's advantage in these heads; round 7's
+    emulation gave them more slots at the same mean (``results/quality-budgets/``); the defaults are the settings
+    chosen there, on the development documents. Needs a transformers model (for the copy scores) or ``copy_layers``
+    given; HF path only (the vLLM plugin's cache has one budget)."""
+
+    boost: float = 1.5
+    threshold: float = 0.05
+    copy_layers: tuple[int, ...] | None = None
+    name: str = "triattention-copy"
+
+    def layer_budgets(self, model, budget: int, layout, floor: int) -> tuple[int, ...] | None:
+        from triattn_compile.calibration.copy_heads import boosted_budgets, copy_layers, copy_scores
+
+        if self.copy_layers is None:
+            self.copy_layers = tuple(copy_layers(copy_scores(model), self.threshold))
+        boosted = [i for i in self.copy_layers if i in layout.scored_layers]  # window layers keep their newest
+        return boosted_budgets(budget, layout.num_layers, boosted, self.boost, floor)
+
+    def scores(self, inputs: CompactionInputs) -> torch.Tensor:
+        boosted = inputs.layers is not None and set(inputs.layers) <= set(self.copy_layers or ())
+        return super().scores(inputs) if boosted else TriAttentionLasting.scores(self, inputs)
+
+
 def rkv_ranking(inputs: CompactionInputs, scored: torch.Tensor, query_window: int) -> torch.Tensor:
     """R-KV's score (:class:`RKV`) of the slots ``scored`` ``[X, B, Hkv, N]`` does not already keep (``+inf``), per
     layer (averaged over the layers when ``X`` = 1); ``-inf`` for the kept, the protected and R-KV's own window."""
@@ -643,7 +679,7 @@ POLICIES: dict[str, type[Policy]] = {
     for cls in (TriAttention, TriAttentionNoTrig, TriAttentionNoNorm, TriAttentionNoMLR, TriAttentionRecent,
                 TriAttentionDiverse, TriAttentionValueNorm, TriAttentionObserved, TriAttentionDistinct,
                 TriAttentionLive, TriAttentionPersistent, TriAttentionLasting, TriAttentionReserve,
-                TriAttentionCoverage, StreamingLLM,
+                TriAttentionCoverage, TriAttentionCopy, StreamingLLM,
                 SnapKV, RKV, H2O, RandomPolicy)
 }
 

@@ -19,7 +19,7 @@ import torch
 from triattn_compile.cache import CompressedCache
 from triattn_compile.calibration.stats import TENSOR_NAMES, QueryStats
 from triattn_compile.config import TriAttentionConfig
-from triattn_compile.kernels.compact import as_rows, compact, keep_slots
+from triattn_compile.kernels.compact import as_rows, compact, finish_compaction, keep_slots
 from triattn_compile.kernels.scoring.naive import fold_latent_query
 from triattn_compile.passes.discover import Layout
 from triattn_compile.passes.match import PassError
@@ -53,6 +53,7 @@ class Compressor:
                       else QueryStats.load(c.stats, layout.signature, device))
         self.cache: CompressedCache | None = None
         self.compaction_seconds = 0.0
+        self.extra_slots()  # layer_budgets checked against the layout now, in one line
 
     def reset_stats(self) -> None:
         """Online statistics start again from no query (e.g. before an unrelated sequence)."""
@@ -60,8 +61,31 @@ class Compressor:
 
     @property
     def capacity(self) -> int:
-        """Slots per layer and KV head: ``budget + divide_length``."""
-        return self.config.budget + self.config.divide_length
+        """Ring slots per layer and KV head, where new tokens go: ``shared_budget + divide_length``."""
+        return self.config.shared_budget + self.config.divide_length
+
+    def extra_slots(self) -> list[int]:
+        """Per layer, the slots kept beyond the shared budget (all 0 without ``layer_budgets``)."""
+        budgets = self.config.layer_budgets
+        if budgets is None:
+            return [0] * self.layout.num_layers
+        if len(budgets) != self.layout.num_layers:
+            raise ValueError(f"layer_budgets has {len(budgets)} entries and the model {self.layout.num_layers} "
+                             "attention layers: give one budget per attention layer")
+        windowed = [i for i in self.layout.windowed_layers if budgets[i] != self.config.shared_budget]
+        if windowed:
+            raise ValueError(f"layer_budgets gives sliding-window layers {windowed} more than the smallest budget "
+                             f"({self.config.shared_budget}); they keep their most recent tokens: give them that")
+        return [b - self.config.shared_budget for b in budgets]
+
+    def budget_groups(self) -> list[list[int]]:
+        """The scored layers, grouped by budget (a policy scores each group as one stack; a keep set shared
+        across layers is shared within its group)."""
+        extra = self.extra_slots()
+        groups: dict[int, list[int]] = {}
+        for i in self.layout.scored_layers:
+            groups.setdefault(extra[i], []).append(i)
+        return list(groups.values())
 
     # -- the compiled step's extra inputs ---------------------------------------------------------------------------
     def step_input_names(self) -> list[str]:
@@ -87,7 +111,8 @@ class Compressor:
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> CompressedCache:
         """An empty cache of :attr:`capacity` slots for ``batch`` rows, shaped by the layout."""
         layout = self.layout
-        cache = CompressedCache(layout.num_layers, self.config.budget, self.config.divide_length, device, batch)
+        cache = CompressedCache(layout.num_layers, self.config.shared_budget, self.config.divide_length, device,
+                                batch, self.extra_slots())
         for layer, spec in zip(cache.layers, layout.layers):
             layer.lazy_initialization(
                 torch.empty(batch, layout.num_kv_heads, 0, spec.key_dim, dtype=dtype, device=device),
@@ -98,7 +123,7 @@ class Compressor:
             cache.queries = torch.zeros(layout.num_layers, batch, layout.num_heads, window, layout.head_dim,
                                         device=device, dtype=dtype)
         if self.policy.accumulate_attention or self.policy.distant_attention:
-            cache.attention = torch.zeros(layout.num_layers, batch, layout.num_kv_heads, self.capacity, device=device)
+            cache.attention = torch.zeros(layout.num_layers, batch, layout.num_kv_heads, cache.width, device=device)
         if self.policy.distant_attention:
             cache.distant_attention = torch.zeros_like(cache.attention)
         return cache
@@ -115,36 +140,52 @@ class Compressor:
                 torch.cuda.synchronize(cache.ctrl.device)
             self.compaction_seconds += time.perf_counter() - start
 
-    def compact(self, cache: CompressedCache, rows: int | slice = 0) -> torch.Tensor | None:
-        """Score ``rows`` with the policy, keep the best ``budget`` slots per KV head, compact in place; returns the
-        kept slots ``[X, B, Hkv, budget]`` (``None`` when every layer is a sliding-window layer)."""
-        inputs = compaction_inputs(cache, self, rows)
-        keep = (keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window,
-                           cache.budget) if inputs.keys else None)
-        compact(cache, keep, rows, self.layout.windowed_layers)
-        return keep
+    def compact(self, cache: CompressedCache, rows: int | slice = 0) -> list[torch.Tensor]:
+        """Score ``rows`` with the policy, keep each layer's budget of slots per KV head, compact in place; returns
+        the kept slots of each budget group (:meth:`budget_groups`), ``[X, B, Hkv, budget]`` indices into
+        :meth:`~triattn_compile.cache.CompressedCache.held_slots` (none when every layer is a sliding-window
+        layer)."""
+        kept, windowed = [], self.layout.windowed_layers
+        for layers in self.budget_groups():
+            inputs = compaction_inputs(cache, self, rows, layers)
+            keep = keep_slots(self.policy.scores(inputs), inputs.num_protected, self.policy.recent_window,
+                              inputs.budget)
+            compact(cache, keep, rows, layers=layers)
+            kept.append(keep)
+        if windowed:
+            compact(cache, None, rows, windowed, layers=list(windowed))
+        finish_compaction(cache, rows)
+        return kept
 
 
-def scoring_keys(cache: CompressedCache, layout: Layout, layer: int, rows: slice, used: int) -> torch.Tensor:
-    """A layer's occupied keys laid out like the statistics, ``[rotary ; pass-through]`` (a latent layer:
-    ``[k_pe ; latent]``, scored against the folded query centre, ``kernels/scoring/naive.py``)."""
-    keys = cache.layers[layer].keys[rows, :, :used]
+def scoring_keys(cache: CompressedCache, layout: Layout, layer: int, rows: slice,
+                 held: slice | torch.Tensor) -> torch.Tensor:
+    """A layer's ``held`` keys (:meth:`~triattn_compile.cache.CompressedCache.held_slots`) laid out like the
+    statistics, ``[rotary ; pass-through]`` (a latent layer: ``[k_pe ; latent]``, scored against the folded query
+    centre, ``kernels/scoring/naive.py``)."""
+    keys = cache.layers[layer].keys[rows, :, held]
     if layer in layout.latent_maps:
-        return torch.cat([cache.layers[layer].values[rows, :, :used], keys], -1)
+        return torch.cat([cache.layers[layer].values[rows, :, held], keys], -1)
     start = layout.rotary.rotary_start
     return keys.roll(-start, -1) if start else keys
 
 
-def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int | slice = 0) -> CompactionInputs:
+def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int | slice = 0,
+                      layers: list[int] | None = None) -> CompactionInputs:
     """What the policy sees for ``rows`` (one row, or adjacent rows on the same schedule: ``cache.full_groups()``):
-    their occupied slots, position and protected prompt, and the compressor's statistics, for the layers the policy
-    decides (sliding-window layers keep their most recent tokens instead)."""
+    their held slots in temporal order (:meth:`~triattn_compile.cache.CompressedCache.held_slots`), position and
+    protected prompt, and the compressor's statistics, for ``layers`` (layers of one budget; default the layers the
+    policy decides: sliding-window layers keep their most recent tokens instead)."""
     layout, stats = compressor.layout, compressor.stats
     rows = as_rows(rows)
     first = rows.start
-    used = cache.fill[first]
-    layers = layout.scored_layers
-    pick = (lambda t: t) if len(layers) == len(cache.layers) else (lambda t: t[layers])
+    layers = layout.scored_layers if layers is None else layers
+    budgets = {cache.layer_budget(i) for i in layers} or {cache.budget}  # none: every layer is a window layer
+    if len(budgets) > 1:
+        raise ValueError(f"compaction inputs of layers with different budgets {sorted(budgets)}: score each budget "
+                         "group on its own (Compressor.budget_groups)")
+    held = cache.held_slots(first, layers[0]) if layers else slice(0, cache.fill[first])  # alike in a budget group
+    pick = (lambda t: t) if list(layers) == list(range(len(cache.layers))) else (lambda t: t[layers])
     q_pass = pick(stats.q_pass_mean())
     if layout.latent_maps:
         q_pass = [fold_latent_query(q, layout.latent_maps[i]) if i in layout.latent_maps else q
@@ -152,8 +193,8 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
     queries = None if cache.queries is None else pick(cache.queries)[:, rows]
     start = layout.rotary.rotary_start
     return CompactionInputs(
-        keys=[scoring_keys(cache, layout, i, rows, used) for i in layers],
-        positions=pick(cache.slot_pos)[:, rows, :, :used],
+        keys=[scoring_keys(cache, layout, i, rows, held) for i in layers],
+        positions=pick(cache.slot_pos)[:, rows][..., held],
         next_position=cache.seen - cache.pads[first],
         num_protected=cache.prompt[first],
         round=cache.row_rounds[first],
@@ -164,9 +205,15 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
         pairing=layout.rotary.key_pairing,
         scale=float(layout.attention_scaling),
         queries=queries.roll(-start, -1) if queries is not None and start else queries,
-        attention=None if cache.attention is None else pick(cache.attention)[:, rows, :, :used],
+        attention=None if cache.attention is None else pick(cache.attention)[:, rows][..., held],
         distant_attention=(None if cache.distant_attention is None
-                           else pick(cache.distant_attention)[:, rows, :, :used]),
-        values=[cache.layers[i].values[rows, :, :used] for i in layers],
-        budget=cache.budget,
+                           else pick(cache.distant_attention)[:, rows][..., held]),
+        values=[cache.layers[i].values[rows, :, held] for i in layers],
+        budget=min(budgets.pop(), keys_held(held)),  # a budget larger than what is held: all of it
+        layers=list(layers),
     )
+
+
+def keys_held(held: slice | torch.Tensor) -> int:
+    """How many slots ``held`` (:meth:`~triattn_compile.cache.CompressedCache.held_slots`) names."""
+    return held.stop if isinstance(held, slice) else held.numel()

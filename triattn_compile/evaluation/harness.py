@@ -3,7 +3,9 @@
 Every policy runs under the same schedule: no prompt protection (a document has no prompt; every token competes),
 compaction when the cache holds ``budget + divide_length`` (``divide_length`` = 128, or the budget itself when it is
 smaller: B = 64 runs with 64), back to ``budget`` per KV head, plus each policy's own recent window. One compiled
-graph per budget serves every policy (:class:`PolicySwitch`), so nothing but the scoring changes between policies.
+graph per budget serves every policy (:class:`PolicySwitch`), so nothing but the scoring changes between policies;
+a policy that plans per-layer budgets (``triattention-copy``) gets a cache, so a graph, of its own, with the same
+mean budget and schedule.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class PolicySwitch(Policy):
     def recent_window(self) -> int:
         return self.inner.recent_window
 
+    def layer_budgets(self, model, budget: int, layout, floor: int) -> tuple[int, ...] | None:
+        """``inner``'s per-layer budgets (a policy that plans them gets a graph of its own: :func:`plans_budgets`)."""
+        return None if self.inner is None else self.inner.layer_budgets(model, budget, layout, floor)
+
     def scores(self, inputs: CompactionInputs) -> torch.Tensor:
         wanted = self.inner.distant_attention
         if wanted and wanted != self.distant_attention:
@@ -53,6 +59,11 @@ class PolicySwitch(Policy):
             raise ValueError(f"{self.inner.name} reads attention from queries >= {wanted} positions away; this graph "
                              f"records it from {recorded}")
         return self.inner.scores(inputs)
+
+
+def plans_budgets(spec: str) -> bool:
+    """Whether the policy ``spec`` names plans per-layer budgets (its cache, so its compiled graph, is its own)."""
+    return type(policy_from_spec(spec)).layer_budgets is not Policy.layer_budgets
 
 
 def distant_attention_distance(specs: tuple[str, ...] | list[str]) -> int:
@@ -205,7 +216,8 @@ def _reset_online_stats(model) -> None:
 def _run_policy(cfg: EvalConfig, model, switch: PolicySwitch, spec: str, budget: int, docs: dict, full_docs: dict,
                 probes: list, bar) -> dict:
     """One (policy, budget) cell: NLL and top-1 agreement on every document, then the probes."""
-    switch.inner = policy_from_spec(spec)
+    if not plans_budgets(spec):  # one that does was given to ``switch`` before optimize (it planned the cache)
+        switch.inner = policy_from_spec(spec)
     if hasattr(switch.inner, "seed"):
         switch.inner.seed = cfg.seed
     first, div = cfg.first_scored(), cfg.divide_for(budget)
@@ -405,28 +417,30 @@ def run_eval(cfg: EvalConfig) -> dict:
         div = cfg.divide_for(budget)
         for stats, all_specs in groups.items():
             specs = [spec for spec in all_specs if (budget, spec) in todo]
-            if not specs:
-                continue
-            switch = PolicySwitch(distant_attention=distant_attention_distance(specs))
-            tc.optimize(model, budget=budget, divide_length=div, protect_prompt=False, compiler=cfg.compiler,
-                        policy=switch, stats=stats)
-            try:
-                for spec in specs:
-                    bar.set_postfix_str(f"B={budget} {spec}")
-                    row = _run_policy(cfg, model, switch, spec, budget, docs, full_docs, probes, bar)
-                    if (cfg.check_free_greedy and result["free_greedy_check"] is None
-                            and row.get("continuation_compressed")
-                            and spec == cfg.policies[0]):
-                        limit = row["continuation"]["first_divergence"] + 1
-                        _reset_online_stats(model)
-                        free = agreement.free_greedy_divergence(model, cont_ids, cfg.prompt_tokens, limit)
-                        result["free_greedy_check"] = {"policy": spec, "budget": budget,
-                                                       "teacher_forced": limit - 1, "free_greedy": free}
-                    result["rows"].append(row)
-                    _write(cfg, result, start, key, full_per_token)
-            finally:
-                tc.restore(model)
-                torch._dynamo.reset()
+            shared = [spec for spec in specs if not plans_budgets(spec)]
+            own = [[spec] for spec in specs if plans_budgets(spec)]  # a cache of its own: one graph each
+            for group in ([shared] if shared else []) + own:
+                switch = PolicySwitch(None if group is shared else policy_from_spec(group[0]),
+                                      distant_attention=distant_attention_distance(group))
+                tc.optimize(model, budget=budget, divide_length=div, protect_prompt=False, compiler=cfg.compiler,
+                            policy=switch, stats=stats)
+                try:
+                    for spec in group:
+                        bar.set_postfix_str(f"B={budget} {spec}")
+                        row = _run_policy(cfg, model, switch, spec, budget, docs, full_docs, probes, bar)
+                        if (cfg.check_free_greedy and result["free_greedy_check"] is None
+                                and row.get("continuation_compressed")
+                                and spec == cfg.policies[0]):
+                            limit = row["continuation"]["first_divergence"] + 1
+                            _reset_online_stats(model)
+                            free = agreement.free_greedy_divergence(model, cont_ids, cfg.prompt_tokens, limit)
+                            result["free_greedy_check"] = {"policy": spec, "budget": budget,
+                                                           "teacher_forced": limit - 1, "free_greedy": free}
+                        result["rows"].append(row)
+                        _write(cfg, result, start, key, full_per_token)
+                finally:
+                    tc.restore(model)
+                    torch._dynamo.reset()
     bar.close()
     result["complete"] = True
     _write(cfg, result, start, key, full_per_token)

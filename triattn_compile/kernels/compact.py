@@ -22,18 +22,22 @@ def keep_slots(scores: torch.Tensor, num_protected: int, recent_window: int, bud
     return select_keep(scores, num_protected, budget)
 
 
-def gather_slots(buf: torch.Tensor, idx: torch.Tensor) -> None:
-    """In place: ``buf[:, :, :K] = buf.gather(2, idx)`` for ``buf [B, Hkv, C, (D)]``, ``idx [B, Hkv, K]``. A 4-D
-    buffer is read as ``B·Hkv·C`` rows of ``D`` elements by ``index_select`` (on CPU about 10x faster than ``gather``
-    with an index expanded over ``D``)."""
+def gather_slots(buf: torch.Tensor, idx: torch.Tensor, ring: int | None = None, capacity: int = 0) -> None:
+    """In place: the slots ``idx`` ``[B, Hkv, K]`` of ``buf [B, Hkv, C, (D)]`` to its front, ``buf[:, :, :K] =
+    buf.gather(2, idx)``; with ``ring`` < K, the first ``ring`` of them there and the rest to the extra slots at
+    ``capacity`` onwards. A 4-D buffer is read as ``B·Hkv·C`` rows of ``D`` elements by ``index_select`` (on CPU
+    about 10x faster than ``gather`` with an index expanded over ``D``)."""
     k = idx.shape[-1]
     if buf.dim() == 4:
-        batch, heads, capacity, dim = buf.shape
-        offsets = torch.arange(batch * heads, device=idx.device).view(batch, heads, 1) * capacity
+        batch, heads, slots, dim = buf.shape
+        offsets = torch.arange(batch * heads, device=idx.device).view(batch, heads, 1) * slots
         kept = buf.reshape(-1, dim).index_select(0, (idx + offsets).reshape(-1)).view(batch, heads, k, dim)
     else:
         kept = buf.gather(2, idx)
-    buf[:, :, :k].copy_(kept)
+    ring = k if ring is None else min(ring, k)
+    buf[:, :, :ring].copy_(kept[:, :, :ring])
+    if ring < k:
+        buf[:, :, capacity:capacity + k - ring].copy_(kept[:, :, ring:])
 
 
 def as_rows(rows: int | slice) -> slice:
@@ -42,29 +46,44 @@ def as_rows(rows: int | slice) -> slice:
 
 @torch.no_grad()
 def compact(cache: CompressedCache, keep: torch.Tensor | None, rows: int | slice = 0,
-            windowed: list[int] | tuple = ()) -> None:
-    """Keep ``cache.budget`` slots per KV head of ``rows``: ``keep`` ``[X, B, Hkv, budget]`` (:func:`keep_slots` of
-    a policy's scores; X = 1 for one keep set shared by the layers, else one per scored layer) in every layer but
-    the sliding-window layers ``windowed``, which keep their most recent ``budget`` tokens (``keep`` is ``None``
-    when every layer is windowed)."""
-    budget, rows, idx = cache.budget, as_rows(rows), keep
-    scored = [i for i in range(len(cache.layers)) if i not in windowed]
-    for i, layer in enumerate(cache.layers):
+            windowed: list[int] | tuple = (), layers: list[int] | None = None) -> None:
+    """Keep each layer's budget of slots per KV head of ``rows``, for ``layers`` (default all; the rows' schedule
+    moves on only when every layer is done: :func:`finish_compaction`): ``keep`` ``[X, B, Hkv, K]``
+    (:func:`keep_slots` of a policy's scores over :meth:`~triattn_compile.cache.CompressedCache.held_slots`; X = 1
+    for one keep set shared by the layers, else one per scored layer of ``layers``) in every layer but the
+    sliding-window layers ``windowed``, which keep their most recent ``budget`` tokens (``keep`` is ``None`` when
+    every layer is windowed). The first ``budget`` kept go to the ring's front, the rest to the layer's extra
+    slots."""
+    budget, capacity, rows, idx = cache.budget, cache.capacity, as_rows(rows), keep
+    layers = range(len(cache.layers)) if layers is None else layers
+    scored = [i for i in layers if i not in windowed]
+    for i in layers:
+        layer = cache.layers[i]
         if i in windowed:
             layer_idx = select_keep(cache.slot_pos[i, rows, :, : cache.fill[rows.start]].float(), 0, budget)
         else:
             layer_idx = idx[scored.index(i) if idx.shape[0] > 1 else 0]
-        gather_slots(layer.keys[rows], layer_idx)
-        gather_slots(layer.values[rows], layer_idx)
-        gather_slots(cache.slot_pos[i, rows], layer_idx)
+            held = cache.held_slots(rows.start, i)
+            if isinstance(held, torch.Tensor):
+                layer_idx = held[layer_idx]
+        k = layer_idx.shape[-1]
+        for buf in (layer.keys[rows], layer.values[rows], cache.slot_pos[i, rows]):
+            gather_slots(buf, layer_idx, budget, capacity)
+        cache.slot_pos[i, rows, :, budget:capacity] = -1
+        cache.slot_pos[i, rows, :, capacity + k - budget:] = -1
         for acc in (cache.attention, cache.distant_attention):
             if acc is not None:
-                gather_slots(acc[i, rows], layer_idx)
-    cache.slot_pos[:, rows, :, budget:] = -1
-    for acc in (cache.attention, cache.distant_attention):
-        if acc is not None:
-            acc[:, rows, :, budget:] = 0
-    cache.ctrl[OCCUPIED, rows] = budget  # a device write: no sync
+                gather_slots(acc[i, rows], layer_idx, budget, capacity)
+                acc[i, rows, :, budget:capacity] = 0
+                acc[i, rows, :, capacity + k - budget:] = 0
+        for row in range(*rows.indices(cache.batch)):
+            cache.kept_extra[row][i] = k - budget
+
+
+def finish_compaction(cache: CompressedCache, rows: int | slice = 0) -> None:
+    """After every layer of ``rows`` is compacted: their write pointer back to ``budget``, one more round."""
+    rows = as_rows(rows)
+    cache.ctrl[OCCUPIED, rows] = cache.budget  # a device write: no sync
     for row in range(*rows.indices(cache.batch)):
-        cache.fill[row] = budget
+        cache.fill[row] = cache.budget
         cache.row_rounds[row] += 1

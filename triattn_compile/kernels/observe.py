@@ -39,9 +39,10 @@ def accumulate_attention(
     q = query.float().view(B, Hkv, H // Hkv, T, D)
     logits = torch.einsum("bhgtd,bhcd->bhgtc", q, keys.float()) * scale
     probs = logits.masked_fill(~visible[:, :, None], -torch.inf).softmax(-1)
-    acc[layer] += probs.sum(dim=(2, 3))
+    width = keys.shape[2]  # the layer's slots (a layer of a smaller budget is narrower than ``acc``)
+    acc[layer, ..., :width] += probs.sum(dim=(2, 3))
     if distant is not None:
-        distant[layer] += probs.masked_fill(~counted[:, :, None], 0.0).sum(dim=(2, 3))
+        distant[layer, ..., :width] += probs.masked_fill(~counted[:, :, None], 0.0).sum(dim=(2, 3))
 
 
 @accumulate_attention.register_fake

@@ -39,14 +39,15 @@ def insert_capture(graph: Graph, sites: list[AttentionSite], stats: list[Node], 
 
 
 def occupied_slots(ctrl: torch.Tensor, slot_pos: torch.Tensor, slots: torch.Tensor, layer: int,
-                   window: int = 0) -> torch.Tensor:
+                   window: int = 0, width: int | None = None) -> torch.Tensor:
     """``[B, Hkv, T, C]`` bool: what each query of the step sees in layer ``layer`` (traced into the graph).
 
     ``slot_pos`` already holds the step's positions (``triattn::record_positions``); a row's query ``t`` is at
     position ``fed + t - pad``; a padding query (negative position) sees only its own slot. A sliding-window layer
-    (``window > 0``) sees only positions ``> q - window``, as the model's own mask.
+    (``window > 0``) sees only positions ``> q - window``, as the model's own mask. ``width``: the layer's slots
+    (``C``), where layers differ (per-layer budgets: ``slot_pos`` is as wide as the widest).
     """
-    slot_pos = slot_pos[layer]  # [B, Hkv, C]
+    slot_pos = slot_pos[layer, ..., :width]  # [B, Hkv, C]
     slots = slots.expand(slot_pos.shape[0], -1) if slots.dim() == 1 else slots  # [B, T]
     query_pos = query_positions(ctrl, slots.shape[-1])  # [B, T]
     pos = slot_pos[:, :, None, :]  # [B, Hkv, 1, C]
@@ -62,7 +63,7 @@ def distant_slots(visible: torch.Tensor, ctrl: torch.Tensor, slot_pos: torch.Ten
     """``[B, Hkv, T, C]`` bool: the slots of ``visible`` (:func:`occupied_slots`) at least ``min_distance`` (>= 1)
     positions before each query of the step (traced into the graph): what a distance-filtered attention sum counts
     (``triattn::accumulate_attention``'s ``counted``). A query's own slot and padding are never counted."""
-    slot_pos = slot_pos[layer]  # [B, Hkv, C]
+    slot_pos = slot_pos[layer, ..., : visible.shape[-1]]  # [B, Hkv, C]
     query_pos = query_positions(ctrl, slots.shape[-1])  # [B, T]
     return visible & (slot_pos[:, :, None, :] <= query_pos[:, None, :, None] - min_distance)
 
@@ -89,8 +90,9 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     """
     heads = int(fake_value(_query_operand(site)).shape[1])
     start = _attention_start(site)
+    width = _cache_width(site, slot_pos)
     with graph.inserting_before(start):
-        kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer, window))
+        kv_mask = graph.call_function(occupied_slots, (ctrl, slot_pos, site.write_slots, site.layer, window, width))
         mask = graph.call_function(expand_heads, (kv_mask, heads))  # [B, H, T, C] bool
     if site.form == "eager":
         # every reader of the masked scores (the softmax, and e.g. a sink's logsumexp) reads the new mask instead
@@ -125,6 +127,16 @@ def mask_to_occupied_slots(graph: Graph, site: AttentionSite, ctrl: Node, slot_p
     site.attn.args, site.attn.kwargs = tuple(args), kwargs
     erase_unused_indexing(graph, old)
     return kv_mask
+
+
+def _cache_width(site: AttentionSite, slot_pos: Node) -> int | None:
+    """The slots of the site's cache buffer where it is narrower than ``slot_pos`` (a layer of a smaller budget),
+    else ``None`` (all of ``slot_pos``)."""
+    buffer = fake_value(site.key_buffer) if site.key_buffer is not None else None
+    if not isinstance(buffer, torch.Tensor) or buffer.dim() != 4:
+        return None
+    width = int(buffer.shape[site.cache_axis])
+    return width if width < int(fake_value(slot_pos).shape[-1]) else None
 
 
 _INDEXING = {operator.getitem, "view", "reshape", "expand", "to", "contiguous", "unsqueeze", "bool", torch.index_select,
