@@ -36,7 +36,7 @@ def _run(model, steps: int, seed: int = 0, **options):
     tokens = torch.randint(0, 128, (1, 4 + steps), generator=gen)
     reference = tiny_llama(layers=len(BUDGETS))
     reference.load_state_dict(model.state_dict())
-    tc.optimize(model, divide_length=DIVIDE, compiler="eager", **options)
+    tc.optimize(model, divide_length=DIVIDE, **{"compiler": "eager", **options})
     sim, sim_pos = DynamicCache(), None
     worst, rounds, after = 0.0, 0, []
     try:
@@ -78,6 +78,12 @@ def test_each_layer_attends_to_exactly_its_kept_tokens(policy):
     # the ring fills to 16 and is compacted: each layer keeps min(its budget, what it held)
     assert after[0] == [8, 16, 16] and after[1] == [8, 24, 16] and all(a == list(BUDGETS) for a in after[1:])
     assert [layer.keys.shape[2] for layer in cache.layers] == [16, 32, 24]  # ring + extra slots, per layer
+
+
+def test_layers_of_different_widths_compile_with_inductor():
+    worst, cache, after = _run(tiny_llama(layers=len(BUDGETS)), steps=40, layer_budgets=BUDGETS,
+                               policy="triattention-lasting", compiler="inductor")
+    assert cache.rounds >= 3 and worst < 1e-4 and after[1] == list(BUDGETS)
 
 
 def test_memory_is_that_of_the_mean_budget():
