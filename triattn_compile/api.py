@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect as _inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -163,12 +162,8 @@ def optimize(model: nn.Module, budget: int | None = None, **options) -> nn.Modul
         model.forward = own
         return model
     layout = discover(model, config.shared_budget, config.divide_length)
-    compressor = Compressor(config, layout, next(model.parameters()).device)
-    planned = None if config.layer_budgets else compressor.policy.layer_budgets(model, config.budget, layout,
-                                                                                   config.divide_length)
-    if planned:  # the policy spends the same mean budget unevenly over the layers
-        config = replace(config, budget=None, layer_budgets=planned, policy=compressor.policy)
-        compressor = Compressor(config, layout, next(model.parameters()).device)
+    compressor = Compressor(config, layout, next(model.parameters()).device, model)
+    config = compressor.config  # with the policy's per-layer budgets, where it plans them
     backend = TriAttentionBackend(
         "compress", input_names=compressor.step_input_names(), layout=layout,
         model_config=getattr(model, "config", None), budget=config.shared_budget, capture=compressor.online,

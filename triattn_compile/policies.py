@@ -501,6 +501,11 @@ class TriAttentionCopy(TriAttentionReserve):
         return super().scores(inputs) if boosted else TriAttentionLasting.scores(self, inputs)
 
 
+def plans_layer_budgets(policy: Policy) -> bool:
+    """Whether ``policy`` plans per-layer budgets (:meth:`Policy.layer_budgets`): its cache is laid out per layer."""
+    return type(policy).layer_budgets is not Policy.layer_budgets
+
+
 def rkv_ranking(inputs: CompactionInputs, scored: torch.Tensor, query_window: int) -> torch.Tensor:
     """R-KV's score (:class:`RKV`) of the slots ``scored`` ``[X, B, Hkv, N]`` does not already keep (``+inf``), per
     layer (averaged over the layers when ``X`` = 1); ``-inf`` for the kept, the protected and R-KV's own window."""

@@ -13,6 +13,7 @@ fed the tokens: nothing is read back from the device.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -39,11 +40,17 @@ class Compressor:
         compaction_seconds: wall time spent compacting so far (benchmarks).
     """
 
-    def __init__(self, config: TriAttentionConfig, layout: Layout, device: torch.device):
-        self.config, self.layout, self.device = config, layout, device
+    def __init__(self, config: TriAttentionConfig, layout: Layout, device: torch.device,
+                 model: torch.nn.Module | None = None):
+        self.layout, self.device = layout, device
         c = config
         self.policy: Policy = make_policy(c.policy, per_layer=c.per_layer, max_offset=c.max_offset, noise=c.noise,
                                           seed=c.seed)
+        planned = (None if model is None or c.layer_budgets is not None
+                   else self.policy.layer_budgets(model, c.budget, layout, c.divide_length))
+        if planned:  # the policy spends the same mean budget unevenly over the layers
+            c = replace(c, budget=None, layer_budgets=planned, policy=self.policy)
+        self.config = c
         if layout.latent_maps and (self.policy.query_window or self.policy.accumulate_attention
                                    or self.policy.distant_attention):
             raise PassError(f"policy {self.policy.name!r} needs per-head keys, which a latent (MLA) cache does not "
@@ -53,7 +60,7 @@ class Compressor:
                       else QueryStats.load(c.stats, layout.signature, device))
         self.cache: CompressedCache | None = None
         self.compaction_seconds = 0.0
-        self.extra_slots()  # layer_budgets checked against the layout now, in one line
+        self.extra = self._extra_slots()  # layer_budgets checked against the layout now, in one line
 
     def reset_stats(self) -> None:
         """Online statistics start again from no query (e.g. before an unrelated sequence)."""
@@ -64,7 +71,7 @@ class Compressor:
         """Ring slots per layer and KV head, where new tokens go: ``shared_budget + divide_length``."""
         return self.config.shared_budget + self.config.divide_length
 
-    def extra_slots(self) -> list[int]:
+    def _extra_slots(self) -> list[int]:
         """Per layer, the slots kept beyond the shared budget (all 0 without ``layer_budgets``)."""
         budgets = self.config.layer_budgets
         if budgets is None:
@@ -81,10 +88,9 @@ class Compressor:
     def budget_groups(self) -> list[list[int]]:
         """The scored layers, grouped by budget (a policy scores each group as one stack; a keep set shared
         across layers is shared within its group)."""
-        extra = self.extra_slots()
         groups: dict[int, list[int]] = {}
         for i in self.layout.scored_layers:
-            groups.setdefault(extra[i], []).append(i)
+            groups.setdefault(self.extra[i], []).append(i)
         return list(groups.values())
 
     # -- the compiled step's extra inputs ---------------------------------------------------------------------------
@@ -112,7 +118,7 @@ class Compressor:
         """An empty cache of :attr:`capacity` slots for ``batch`` rows, shaped by the layout."""
         layout = self.layout
         cache = CompressedCache(layout.num_layers, self.config.shared_budget, self.config.divide_length, device,
-                                batch, self.extra_slots())
+                                batch, self.extra)
         for layer, spec in zip(cache.layers, layout.layers):
             layer.lazy_initialization(
                 torch.empty(batch, layout.num_kv_heads, 0, spec.key_dim, dtype=dtype, device=device),
@@ -209,11 +215,6 @@ def compaction_inputs(cache: CompressedCache, compressor: Compressor, rows: int 
         distant_attention=(None if cache.distant_attention is None
                            else pick(cache.distant_attention)[:, rows][..., held]),
         values=[cache.layers[i].values[rows, :, held] for i in layers],
-        budget=min(budgets.pop(), keys_held(held)),  # a budget larger than what is held: all of it
+        budget=min(budgets.pop(), held.stop if isinstance(held, slice) else held.numel()),  # more than held: all
         layers=list(layers),
     )
-
-
-def keys_held(held: slice | torch.Tensor) -> int:
-    """How many slots ``held`` (:meth:`~triattn_compile.cache.CompressedCache.held_slots`) names."""
-    return held.stop if isinstance(held, slice) else held.numel()

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from triattn_compile.evaluation import agreement, documents, nll, report, retrieval
-from triattn_compile.policies import POLICIES, CompactionInputs, Policy, TriAttention, TriAttentionLasting
+from triattn_compile.policies import (
+    POLICIES,
+    CompactionInputs,
+    Policy,
+    TriAttention,
+    TriAttentionLasting,
+    plans_layer_budgets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class PolicySwitch(Policy):
 
 def plans_budgets(spec: str) -> bool:
     """Whether the policy ``spec`` names plans per-layer budgets (its cache, so its compiled graph, is its own)."""
-    return type(policy_from_spec(spec)).layer_budgets is not Policy.layer_budgets
+    return plans_layer_budgets(policy_from_spec(spec))
 
 
 def distant_attention_distance(specs: tuple[str, ...] | list[str]) -> int:

@@ -57,15 +57,18 @@ def compact(cache: CompressedCache, keep: torch.Tensor | None, rows: int | slice
     budget, capacity, rows, idx = cache.budget, cache.capacity, as_rows(rows), keep
     layers = range(len(cache.layers)) if layers is None else layers
     scored = [i for i in layers if i not in windowed]
+    held_of: dict[int, torch.Tensor] = {}  # by extra slots held: the same order in all such layers
     for i in layers:
         layer = cache.layers[i]
         if i in windowed:
             layer_idx = select_keep(cache.slot_pos[i, rows, :, : cache.fill[rows.start]].float(), 0, budget)
         else:
             layer_idx = idx[scored.index(i) if idx.shape[0] > 1 else 0]
-            held = cache.held_slots(rows.start, i)
-            if isinstance(held, torch.Tensor):
-                layer_idx = held[layer_idx]
+            kept = cache.kept_extra[rows.start][i]
+            if kept and kept not in held_of:
+                held_of[kept] = cache.held_slots(rows.start, i)
+            if kept:
+                layer_idx = held_of[kept][layer_idx]
         k = layer_idx.shape[-1]
         for buf in (layer.keys[rows], layer.values[rows], cache.slot_pos[i, rows]):
             gather_slots(buf, layer_idx, budget, capacity)
