@@ -160,6 +160,23 @@ def test_copy_scores_are_probabilities_per_layer_and_kv_head():
         copy_scores(torch.nn.Linear(2, 2))
 
 
+def test_per_layer_budgets_refused_where_they_cannot_be_held():
+    class OwnCache(torch.nn.Module):  # gpt-fast's call convention: keeps its own KV buffers
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2)
+
+        def forward(self, idx, input_pos):
+            return self.proj(idx)
+
+    for options in ({"layer_budgets": (128, 256)}, {"policy": "triattention-copy"}):
+        with pytest.raises(ValueError, match="per-layer budgets .* need the model to write a transformers-style") as e:
+            tc.optimize(OwnCache(), **options)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="boost must be > 1"):
+        TriAttentionCopy(boost=1.0)
+
+
 def test_eval_gives_a_policy_that_plans_budgets_its_own_cache():
     from types import SimpleNamespace
 

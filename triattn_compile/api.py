@@ -28,6 +28,7 @@ from triattn_compile.passes.backend import Discovered, TriAttentionBackend
 from triattn_compile.passes.discover import Layout
 from triattn_compile.passes.match import PassError
 from triattn_compile.passes.step_inputs import isolated_step
+from triattn_compile.policies import make_policy, plans_layer_budgets
 from triattn_compile.schedule import Compressor
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,10 @@ def optimize(model: nn.Module, budget: int | None = None, **options) -> nn.Modul
     _check_placement(model)
     config = TriAttentionConfig(budget=budget, **options)
     if _missing_arguments(model):  # its own call convention and, presumably, its own KV cache
-        if config.layer_budgets is not None:
-            raise ValueError("layer_budgets needs the model to write a transformers-style cache; a model that keeps "
-                             "its own KV buffers has one size for every layer: give budget= instead")
+        if config.layer_budgets is not None or plans_layer_budgets(make_policy(config.policy)):
+            raise ValueError("per-layer budgets (layer_budgets=, or a policy that plans them) need the model to write "
+                             "a transformers-style cache; a model that keeps its own KV buffers has one size for "
+                             "every layer: give budget= and another policy")
         own = OwnCacheForward(model, config, _run_traced)
         setattr(model, _ATTR, own)
         model.forward = own

@@ -488,6 +488,12 @@ class TriAttentionCopy(TriAttentionReserve):
     copy_layers: tuple[int, ...] | None = None
     name: str = "triattention-copy"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.boost <= 1:
+            raise ValueError(f"{self.name}: boost must be > 1 (the copy layers' share of the mean budget), "
+                             f"got {self.boost}")
+
     def layer_budgets(self, model, budget: int, layout, floor: int) -> tuple[int, ...] | None:
         from triattn_compile.calibration.copy_heads import boosted_budgets, copy_layers, copy_scores
 
